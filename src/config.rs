@@ -1,0 +1,423 @@
+//! The one typed configuration: a TOML file, overridden key by key from the environment
+//! (`INCIDENT_STREAM__SECTION__KEY=value`), with the seeds' defaults.
+//!
+//! Loading is strict: unknown keys are errors and every error names the key (`websocket.
+//! max_pending_messages: invalid type…`). The environment is passed in, never read here, so the
+//! library has no hidden inputs. Each subsystem receives its own section at construction.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of environment overrides.
+pub const ENV_PREFIX: &str = "INCIDENT_STREAM__";
+
+/// Why a configuration was refused. The message always names the file or key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (with line and column).
+        message: String,
+    },
+    /// A key is unknown or has a value of the wrong type.
+    #[error("config key `{key}`: {message}")]
+    Key {
+        /// Dotted path of the key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value has the right type but is out of range.
+    #[error("config key `{key}`: {message}")]
+    Invalid {
+        /// Dotted path of the key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Listener and HTTP limits.
+    pub server: ServerConfig,
+    /// Streaming sessions (the seeds' defaults).
+    pub websocket: WebSocketConfig,
+    /// Token validation.
+    pub auth: AuthConfig,
+    /// The publish API.
+    pub publish: PublishConfig,
+    /// The event bus.
+    pub bus: BusConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on; port 0 picks a free port (the bound address is logged).
+    pub listen: SocketAddr,
+    /// Largest WebSocket frame or message a client may send; larger closes with 1009.
+    pub max_frame_bytes: usize,
+    /// How long shutdown waits for sessions to drain.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            max_frame_bytes: 65536,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+/// `[websocket]`: the seeds' `WebSocketConfig`, plus per-connection message limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// Outbound queue bound per connection, in events.
+    pub max_pending_messages: usize,
+    /// Interval of WebSocket pings; a ping unanswered for one interval closes with 4002.
+    pub heartbeat_interval_secs: u64,
+    /// A session with no subscription and no client message for this long is closed.
+    pub session_timeout_secs: u64,
+    /// How often the cleanup task sweeps sessions.
+    pub cleanup_interval_secs: u64,
+    /// Capacity of the queue between the bus and the fan-out, in events.
+    pub broadcast_capacity: usize,
+    /// permessage-deflate; not supported by this server (a warning says so at start-up).
+    pub enable_compression: bool,
+    /// Most subscriptions one connection may hold.
+    pub max_subscriptions_per_connection: usize,
+    /// Client messages allowed per second on one connection.
+    pub messages_per_second: u32,
+    /// Burst of client messages allowed above the rate.
+    pub message_burst: u32,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig {
+            max_pending_messages: 1000,
+            heartbeat_interval_secs: 30,
+            session_timeout_secs: 300,
+            cleanup_interval_secs: 60,
+            broadcast_capacity: 10000,
+            enable_compression: true,
+            max_subscriptions_per_connection: 100,
+            messages_per_second: 50,
+            message_burst: 100,
+        }
+    }
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Name of the claim that holds the tenant id.
+    pub tenant_claim: String,
+    /// When set, tokens must carry this `iss`.
+    pub issuer: Option<String>,
+    /// When set, tokens must carry this `aud`.
+    pub audience: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    pub leeway_secs: u64,
+    /// Accept `?access_token=` on the upgrade (off by default; always redacted from logs).
+    pub allow_query_token: bool,
+    /// Verification keys.
+    pub keys: Vec<KeyConfig>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            tenant_claim: "tenant".to_owned(),
+            issuer: None,
+            audience: None,
+            leeway_secs: 30,
+            allow_query_token: false,
+            keys: vec![KeyConfig {
+                kid: "dev".to_owned(),
+                algorithm: "HS256".to_owned(),
+                secret_file: Some(PathBuf::from("certs/dev-jwt.secret")),
+                generate: true,
+                ..KeyConfig::default()
+            }],
+        }
+    }
+}
+
+/// `[[auth.keys]]`: one verification key with its algorithm.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeyConfig {
+    /// Key id; a token's `kid` header selects the key.
+    pub kid: String,
+    /// The only algorithm this key verifies (HS256/384/512, RS*, PS*, ES256/384, EdDSA).
+    pub algorithm: String,
+    /// HS*: the secret inline (discouraged outside tests).
+    pub secret: Option<String>,
+    /// HS*: name of an environment variable holding the secret.
+    pub secret_env: Option<String>,
+    /// HS*: a file holding the secret.
+    pub secret_file: Option<PathBuf>,
+    /// HS* with `secret_file`: create a random secret there when the file is missing (dev only).
+    pub generate: bool,
+    /// RS*/PS*/ES*/EdDSA: path of a PEM public key.
+    pub public_key: Option<PathBuf>,
+    /// When set, the key only verifies tokens whose `iss` is this issuer.
+    pub issuer: Option<String>,
+}
+
+/// `[publish]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublishConfig {
+    /// Most events in one `POST /v1/events` body.
+    pub max_batch: usize,
+    /// Largest body accepted; larger gets 413.
+    pub max_body_bytes: usize,
+}
+
+impl Default for PublishConfig {
+    fn default() -> Self {
+        PublishConfig { max_batch: 1000, max_body_bytes: 1 << 20 }
+    }
+}
+
+/// Which event bus backs the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BusKind {
+    /// In-process: the embedded default.
+    #[default]
+    Local,
+}
+
+/// `[bus]`
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusConfig {
+    /// The backend.
+    pub kind: BusKind,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Line format.
+    pub format: LogFormat,
+    /// A `tracing` filter directive, e.g. `info` or `incident_stream=debug`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: LogFormat::Text, level: "info".to_owned() }
+    }
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    // Numbers, booleans and arrays parse as TOML; anything else is taken as a plain string.
+    match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_owned())),
+        Err(_) => toml::Value::String(raw.to_owned()),
+    }
+}
+
+fn apply_env(table: &mut toml::Table, env: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+    for (name, raw) in env {
+        let Some(path) = name.strip_prefix(ENV_PREFIX) else { continue };
+        let parts: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+        let key = parts.join(".");
+        if parts.len() < 2 || parts.iter().any(String::is_empty) {
+            return Err(ConfigError::Key {
+                key,
+                message: format!("environment variable {name} must name SECTION__KEY"),
+            });
+        }
+        let (last, sections) =
+            parts.split_last().ok_or_else(|| ConfigError::Key { key: key.clone(), message: "empty key".into() })?;
+        let mut cur = &mut *table;
+        for s in sections {
+            let entry = cur.entry(s.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            cur = match entry {
+                toml::Value::Table(t) => t,
+                _ => return Err(ConfigError::Key { key, message: format!("`{s}` is not a section") }),
+            };
+        }
+        cur.insert(last.clone(), parse_env_value(raw));
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Loads a configuration: the TOML text (if any) with environment overrides applied, then
+    /// validated. `origin` names the text in error messages.
+    pub fn from_sources(text: Option<(&str, &Path)>, env: &BTreeMap<String, String>) -> Result<Config, ConfigError> {
+        let mut table = match text {
+            Some((text, path)) => toml::from_str::<toml::Table>(text)
+                .map_err(|e| ConfigError::Syntax { path: path.to_owned(), message: e.to_string() })?,
+            None => toml::Table::new(),
+        };
+        apply_env(&mut table, env)?;
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::Key { key, message: e.into_inner().to_string() }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads `path` (if given and present) and applies `env`. A missing default file means the
+    /// embedded defaults; a missing explicit file is an error.
+    pub fn load(path: &Path, explicit: bool, env: &BTreeMap<String, String>) -> Result<Config, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::from_sources(Some((&text, path)), env),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Config::from_sources(None, env),
+            Err(source) => Err(ConfigError::Read { path: path.to_owned(), source }),
+        }
+    }
+
+    /// Range checks that types cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn at_least(key: &'static str, v: u64, min: u64) -> Result<(), ConfigError> {
+            if v < min {
+                return Err(ConfigError::Invalid { key, message: format!("must be at least {min}, got {v}") });
+            }
+            Ok(())
+        }
+        let w = &self.websocket;
+        at_least("server.max_frame_bytes", self.server.max_frame_bytes as u64, 1024)?;
+        at_least("websocket.max_pending_messages", w.max_pending_messages as u64, 1)?;
+        at_least("websocket.heartbeat_interval_secs", w.heartbeat_interval_secs, 1)?;
+        at_least("websocket.session_timeout_secs", w.session_timeout_secs, 1)?;
+        at_least("websocket.cleanup_interval_secs", w.cleanup_interval_secs, 1)?;
+        at_least("websocket.broadcast_capacity", w.broadcast_capacity as u64, 1)?;
+        at_least("websocket.max_subscriptions_per_connection", w.max_subscriptions_per_connection as u64, 1)?;
+        at_least("websocket.messages_per_second", u64::from(w.messages_per_second), 1)?;
+        at_least("websocket.message_burst", u64::from(w.message_burst), 1)?;
+        at_least("publish.max_batch", self.publish.max_batch as u64, 1)?;
+        at_least("publish.max_body_bytes", self.publish.max_body_bytes as u64, 256)?;
+        if self.auth.keys.is_empty() {
+            return Err(ConfigError::Invalid { key: "auth.keys", message: "at least one key is required".into() });
+        }
+        if self.auth.tenant_claim.is_empty() {
+            return Err(ConfigError::Invalid { key: "auth.tenant_claim", message: "must not be empty".into() });
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(ConfigError::Invalid {
+                key: "log.level",
+                message: format!("`{}` is not a valid log filter", self.log.level),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn load(text: &str, e: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_sources(Some((text, Path::new("test.toml"))), &env(e))
+    }
+
+    #[test]
+    fn defaults_are_the_seeds() {
+        let c = Config::default();
+        assert_eq!(c.websocket.max_pending_messages, 1000);
+        assert_eq!(c.websocket.heartbeat_interval_secs, 30);
+        assert_eq!(c.websocket.session_timeout_secs, 300);
+        assert_eq!(c.websocket.cleanup_interval_secs, 60);
+        assert_eq!(c.websocket.broadcast_capacity, 10000);
+        assert!(c.websocket.enable_compression);
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8443");
+        assert!(c.server.listen.ip().is_loopback());
+    }
+
+    #[test]
+    fn shipped_config_file_equals_the_embedded_default() {
+        let text = include_str!("../incident-stream.toml");
+        assert_eq!(load(text, &[]).expect("shipped config loads"), Config::default());
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let c = load(
+            "[websocket]\nmax_pending_messages = 10\n",
+            &[
+                ("INCIDENT_STREAM__WEBSOCKET__MAX_PENDING_MESSAGES", "500"),
+                ("INCIDENT_STREAM__SERVER__LISTEN", "127.0.0.1:0"),
+                ("INCIDENT_STREAM__LOG__FORMAT", "json"),
+                ("INCIDENT_STREAM_DEV_SECRET", "not an override"),
+            ],
+        )
+        .expect("ok");
+        assert_eq!(c.websocket.max_pending_messages, 500);
+        assert_eq!(c.server.listen.port(), 0);
+        assert_eq!(c.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
+            ("[websocket]\nmax_pending = 1\n", &[], "websocket"),
+            ("[websocket]\nmax_pending_messages = \"lots\"\n", &[], "websocket.max_pending_messages"),
+            ("[sever]\nlisten = \"x\"\n", &[], "sever"),
+            ("[server]\nlisten = \"nowhere\"\n", &[], "server.listen"),
+            (
+                "",
+                &[("INCIDENT_STREAM__WEBSOCKET__HEARTBEAT_INTERVAL_SECS", "soon")],
+                "websocket.heartbeat_interval_secs",
+            ),
+            ("", &[("INCIDENT_STREAM__WEBSOCKET__MAX_PENDING_MESSAGES", "0")], "websocket.max_pending_messages"),
+            ("[log]\nformat = \"xml\"\n", &[], "log.format"),
+            ("[bus]\nkind = \"kafka\"\n", &[], "bus.kind"),
+        ];
+        for (text, e, key) in cases {
+            let err = load(text, e).expect_err("must fail").to_string();
+            assert!(err.contains(key), "{text:?} {e:?}: {err}");
+        }
+        let err = load("[server\n", &[]).expect_err("syntax").to_string();
+        assert!(err.contains("test.toml"), "{err}");
+    }
+}

@@ -1,0 +1,238 @@
+//! The fan-out: the per-tenant subscription index, the registry of live sessions, and the
+//! dispatcher that hands each published event to every matching connection's outbox.
+//!
+//! Invariants: an event is only ever matched against its own tenant's connections (the index is
+//! keyed by tenant); each connection gets an event at most once however many of its
+//! subscriptions match; the same shared frame goes to every connection; the dispatcher never
+//! awaits a socket (pushing to an outbox is a short synchronous lock), so one slow or dead
+//! client cannot delay the others. Only connections that hold at least one subscription are in
+//! the index, so idle connections cost nothing per event.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::bus::Published;
+use crate::event::TenantId;
+use crate::filter::SubscriptionFilter;
+use crate::metrics::Metrics;
+use crate::outbox::Outbox;
+use crate::protocol::CloseReason;
+
+/// One live connection, shared by its session task, the index and the registry.
+pub(crate) struct Conn {
+    /// Process-unique number (index key).
+    pub(crate) id: u64,
+    /// The session id sent in `welcome`.
+    pub(crate) session_id: String,
+    pub(crate) tenant: TenantId,
+    pub(crate) subject: String,
+    pub(crate) remote: SocketAddr,
+    pub(crate) outbox: Outbox,
+    /// Milliseconds since the hub started, of the last client application message.
+    last_message_ms: AtomicU64,
+    /// Subscriptions currently held.
+    subscriptions: AtomicUsize,
+}
+
+impl Conn {
+    /// Records client activity (for the idle sweep).
+    pub(crate) fn touch(&self, hub: &Hub) {
+        self.last_message_ms.store(hub.elapsed_ms(), Ordering::Relaxed);
+    }
+}
+
+struct Entry {
+    conn: Arc<Conn>,
+    filters: Arc<[SubscriptionFilter]>,
+}
+
+#[derive(Default)]
+struct TenantIndex {
+    entries: Vec<Entry>,
+    position: HashMap<u64, usize>,
+}
+
+impl TenantIndex {
+    fn set(&mut self, conn: &Arc<Conn>, filters: Arc<[SubscriptionFilter]>) {
+        match (self.position.get(&conn.id).copied(), filters.is_empty()) {
+            (Some(i), false) => self.entries[i].filters = filters,
+            (Some(i), true) => {
+                self.entries.swap_remove(i);
+                self.position.remove(&conn.id);
+                if let Some(moved) = self.entries.get(i) {
+                    self.position.insert(moved.conn.id, i);
+                }
+            }
+            (None, false) => {
+                self.position.insert(conn.id, self.entries.len());
+                self.entries.push(Entry { conn: Arc::clone(conn), filters });
+            }
+            (None, true) => {}
+        }
+    }
+}
+
+/// The fan-out hub. Cheap to share (`Arc<Hub>`).
+pub(crate) struct Hub {
+    tenants: RwLock<HashMap<TenantId, Arc<RwLock<TenantIndex>>>>,
+    sessions: Mutex<HashMap<u64, Arc<Conn>>>,
+    next_id: AtomicU64,
+    started: Instant,
+    metrics: Arc<Metrics>,
+    max_pending: usize,
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Hub {
+    /// A hub whose connections queue at most `max_pending` events each.
+    pub(crate) fn new(metrics: Arc<Metrics>, max_pending: usize) -> Hub {
+        Hub {
+            tenants: RwLock::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            started: Instant::now(),
+            metrics,
+            max_pending,
+        }
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Conn>>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a new session; it receives nothing until it subscribes.
+    pub(crate) fn register(
+        &self,
+        session_id: String,
+        tenant: TenantId,
+        subject: String,
+        remote: SocketAddr,
+    ) -> Arc<Conn> {
+        let conn = Arc::new(Conn {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            session_id,
+            tenant,
+            subject,
+            remote,
+            outbox: Outbox::new(self.max_pending),
+            last_message_ms: AtomicU64::new(self.elapsed_ms()),
+            subscriptions: AtomicUsize::new(0),
+        });
+        self.sessions().insert(conn.id, Arc::clone(&conn));
+        conn
+    }
+
+    /// Removes a session and its subscriptions from the hub.
+    pub(crate) fn unregister(&self, conn: &Arc<Conn>) {
+        self.set_filters(conn, Arc::from(Vec::new()));
+        self.sessions().remove(&conn.id);
+    }
+
+    /// Replaces a connection's set of subscription filters (empty removes it from the index).
+    pub(crate) fn set_filters(&self, conn: &Arc<Conn>, filters: Arc<[SubscriptionFilter]>) {
+        let count = filters.len();
+        let index = {
+            let tenants = read(&self.tenants);
+            tenants.get(&conn.tenant).cloned()
+        };
+        let index = match index {
+            Some(i) => i,
+            None if count == 0 => return,
+            None => Arc::clone(write(&self.tenants).entry(conn.tenant.clone()).or_default()),
+        };
+        write(&index).set(conn, filters);
+        let before = conn.subscriptions.swap(count, Ordering::Relaxed);
+        self.metrics.active_subscriptions.add(count as i64 - before as i64);
+    }
+
+    /// Hands one event to every matching connection of its tenant.
+    pub(crate) fn dispatch(&self, ev: &Arc<Published>) {
+        self.metrics.events_broadcast.inc();
+        let index = {
+            let tenants = read(&self.tenants);
+            tenants.get(&ev.routing.tenant).cloned()
+        };
+        let Some(index) = index else { return };
+        let mut dropped = 0;
+        for entry in read(&index).entries.iter() {
+            if entry.filters.iter().any(|f| f.matches(&ev.routing)) {
+                dropped += entry.conn.outbox.push(ev).dropped;
+            }
+        }
+        if dropped > 0 {
+            self.metrics.events_dropped.inc_by(dropped);
+        }
+    }
+
+    /// Asks every live session to close (shutdown, later revocation).
+    pub(crate) fn close_all(&self, reason: impl Fn(&Conn) -> CloseReason) {
+        let conns: Vec<Arc<Conn>> = self.sessions().values().cloned().collect();
+        let mut dropped = 0;
+        for c in conns {
+            dropped += c.outbox.request_close(reason(&c));
+        }
+        self.metrics.events_dropped.inc_by(dropped);
+    }
+
+    /// Number of live sessions.
+    pub(crate) fn session_count(&self) -> usize {
+        self.sessions().len()
+    }
+
+    /// One sweep of the cleanup task: closes sessions that hold no subscription and sent no
+    /// message for `idle`. Returns how many were asked to close.
+    pub(crate) fn sweep_idle(&self, idle: Duration) -> usize {
+        let now = self.elapsed_ms();
+        let idle_ms = idle.as_millis() as u64;
+        let idle_conns: Vec<Arc<Conn>> = self
+            .sessions()
+            .values()
+            .filter(|c| {
+                c.subscriptions.load(Ordering::Relaxed) == 0
+                    && now.saturating_sub(c.last_message_ms.load(Ordering::Relaxed)) >= idle_ms
+            })
+            .cloned()
+            .collect();
+        for c in &idle_conns {
+            c.outbox.request_close(CloseReason::IdleTimeout);
+        }
+        idle_conns.len()
+    }
+}
+
+/// The dispatcher task: takes events from the bus in order and fans each out.
+pub(crate) async fn run_dispatcher(hub: Arc<Hub>, mut rx: mpsc::Receiver<Arc<Published>>) {
+    while let Some(ev) = rx.recv().await {
+        hub.dispatch(&ev);
+    }
+}
+
+/// The cleanup task: every `interval`, closes idle sessions.
+pub(crate) async fn run_cleanup(hub: Arc<Hub>, interval: Duration, idle: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let n = hub.sweep_idle(idle);
+        if n > 0 {
+            tracing::info!(closed = n, "cleanup: closing idle sessions");
+        }
+    }
+}

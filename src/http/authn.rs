@@ -1,0 +1,43 @@
+//! The authentication layer on `/ws` and `/v1/events`: finds the bearer token, verifies it and
+//! puts the [`Principal`] in the request's extensions, or answers 401 before anything else runs
+//! (no upgrade, no body read). Refusals are counted by reason and logged without the token.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::error::ApiError;
+use super::AppState;
+use crate::auth::{token, AuthError};
+
+/// Middleware: authenticate or refuse.
+pub(crate) async fn require_token(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let found = token::extract(req.headers(), req.uri(), state.auth.allow_query_token());
+    let verified = match found {
+        Ok(Some(t)) => state.auth.verify(&t),
+        Ok(None) => Err(AuthError::Missing),
+        Err(e) => Err(e),
+    };
+    match verified {
+        Ok(principal) => {
+            req.extensions_mut().insert(principal);
+            next.run(req).await
+        }
+        Err(e) => {
+            state.metrics.auth_failures.with_label_values(&[e.code()]).inc();
+            tracing::warn!(
+                remote = %remote, path = %token::redact_uri(req.uri()), reason = e.code(), detail = %e,
+                "authentication refused"
+            );
+            ApiError::from(&e).into_response()
+        }
+    }
+}

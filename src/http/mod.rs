@@ -1,0 +1,72 @@
+//! The axum router: `/ws` (upgrade), `/v1/events` (publish), `/health`, `/ready`, `/metrics`.
+//!
+//! Routes that need a token sit behind the authentication layer, so nothing unauthenticated
+//! reaches a session or the bus. Handlers translate between HTTP and the library's typed
+//! operations and own no state of their own.
+
+mod authn;
+pub mod error;
+mod publish;
+mod ws;
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+use crate::auth::Authenticator;
+use crate::bus::LocalBus;
+use crate::config::PublishConfig;
+use crate::fanout::Hub;
+use crate::metrics::Metrics;
+use crate::session::SessionSettings;
+
+/// Shared state of every handler.
+pub(crate) struct AppState {
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) bus: Arc<LocalBus>,
+    pub(crate) auth: Arc<Authenticator>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) sessions: Arc<SessionSettings>,
+    pub(crate) publish: PublishConfig,
+    pub(crate) max_frame_bytes: usize,
+}
+
+/// Builds the router over the shared state.
+pub(crate) fn router(state: Arc<AppState>) -> Router {
+    let authenticated = Router::new()
+        .route("/ws", get(ws::upgrade))
+        .route("/v1/events", post(publish::publish))
+        .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state), authn::require_token));
+    Router::new()
+        .merge(authenticated)
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    if state.bus.is_open() {
+        Json(serde_json::json!({"status": "ready"})).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": "not_ready"}))).into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    match state.metrics.render() {
+        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot render metrics");
+            error::ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "metrics unavailable").into_response()
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! `POST /v1/events`: one event or an array of them, for a token with role `publisher`.
+//! Every event of the batch is validated before any is published (all or nothing); the answer is
+//! `202 {"message_ids": [...]}` in the order of the body.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde_json::Value;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::auth::{Principal, Roles};
+use crate::bus::BusError;
+use crate::event::{Event, ParseEventError, TenantScope};
+
+pub(crate) async fn publish(
+    State(state): State<Arc<AppState>>,
+    Extension(principal): Extension<Principal>,
+    req: Request<Body>,
+) -> Response {
+    match accept(&state, &principal, req).await {
+        Ok(ids) => (StatusCode::ACCEPTED, Json(serde_json::json!({ "message_ids": ids }))).into_response(),
+        Err(e) => {
+            tracing::info!(tenant = %principal.tenant, subject = %principal.subject, code = e.code, status = e.status.as_u16(), "publish refused");
+            e.into_response()
+        }
+    }
+}
+
+async fn accept(state: &AppState, principal: &Principal, req: Request<Body>) -> Result<Vec<String>, ApiError> {
+    if !principal.roles.contains(Roles::PUBLISHER) {
+        return Err(ApiError::insufficient_role("publisher"));
+    }
+    if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+        let ct = ct.to_str().unwrap_or_default();
+        if !ct.trim_start().to_ascii_lowercase().starts_with("application/json") {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "the body must be application/json",
+            ));
+        }
+    }
+    let limit = state.publish.max_body_bytes;
+    let bytes = axum::body::to_bytes(req.into_body(), limit).await.map_err(|_| {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("the body exceeds {limit} bytes"))
+    })?;
+    let value: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("the body is not JSON: {e}")))?;
+    let (items, single) = match value {
+        Value::Array(items) => (items, false),
+        other => (vec![other], true),
+    };
+    if items.is_empty() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "empty_batch", "the array holds no events"));
+    }
+    if items.len() > state.publish.max_batch {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "batch_too_large",
+            format!("at most {} events per request, got {}", state.publish.max_batch, items.len()),
+        ));
+    }
+    let scope = if principal.roles.contains(Roles::SYSTEM) {
+        TenantScope::System(&principal.tenant)
+    } else {
+        TenantScope::Bound(&principal.tenant)
+    };
+    let events = items
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            Event::parse(v, scope).map_err(|e| {
+                let at = if single { String::new() } else { format!("event {i}: ") };
+                match e {
+                    ParseEventError::Invalid(e) => ApiError::new(StatusCode::BAD_REQUEST, e.code(), format!("{at}{e}")),
+                    ParseEventError::Foreign(e) => {
+                        ApiError::new(StatusCode::FORBIDDEN, "forbidden_tenant", format!("{at}{e}"))
+                    }
+                }
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let ids = state.bus.publish(events).map_err(|e| match e {
+        BusError::Overloaded { .. } => ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", e.to_string())
+        },
+        BusError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", e.to_string()),
+    })?;
+    Ok(ids.into_iter().map(|id| id.to_string()).collect())
+}

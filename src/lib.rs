@@ -1,0 +1,37 @@
+//! incident-stream: a secure, multi-tenant, real-time incident event streaming service.
+//!
+//! # Layout
+//!
+//! Pure code (no sockets, no clocks beyond formatting):
+//! - [`event`]: event types, severities, states, priorities, tenant and message ids.
+//! - [`filter`]: subscription filters and matching.
+//! - [`protocol`]: wire messages, error codes, close codes.
+//! - [`config`]: the typed configuration.
+//! - [`auth`]: token verification into a principal.
+//!
+//! Runtime:
+//! - [`bus`]: where events get ids and their one serialized frame.
+//! - `fanout` (hub, dispatcher, cleanup) and `outbox` (per-connection bounded queue).
+//! - `session`: one connection's lifecycle.
+//! - `http`: the axum routes.
+//! - [`server`]: assembling, running, embedding, shutting down.
+//! - [`metrics`]: the Prometheus registry.
+//!
+//! See `docs/ARCHITECTURE.md` for the map and the invariants.
+
+pub mod auth;
+pub mod bus;
+pub mod config;
+pub mod event;
+mod fanout;
+pub mod filter;
+pub mod http;
+pub mod metrics;
+mod outbox;
+pub mod protocol;
+pub mod server;
+mod session;
+pub mod time;
+
+pub use config::Config;
+pub use server::{Embedded, Running, Server, ServerBuilder, ServerError};

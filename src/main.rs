@@ -1,0 +1,203 @@
+//! The `incident-stream` command line: `serve` (the default), `token` (mint a dev token).
+//! Parsing arguments, loading the configuration and wiring signals live here; everything else is
+//! in the library.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use incident_stream::config::{Config, LogFormat};
+use incident_stream::Server;
+
+#[derive(Parser)]
+#[command(name = "incident-stream", version, about = "Secure multi-tenant incident event streaming")]
+struct Cli {
+    /// Configuration file (default: ./incident-stream.toml, or the embedded defaults if absent).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service (the default).
+    Serve,
+    /// Mint a token with a configured HS key (for development and the walkthrough).
+    Token {
+        /// Tenant claim.
+        #[arg(long)]
+        tenant: String,
+        /// Subject (`sub`).
+        #[arg(long)]
+        sub: String,
+        /// Comma-separated roles (publisher, system, admin, auditor, metrics).
+        #[arg(long, default_value = "")]
+        roles: String,
+        /// Lifetime: e.g. 3600, 90s, 30m, 1h, 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// Key id to sign with (default: the first HS key).
+        #[arg(long)]
+        kid: Option<String>,
+    },
+}
+
+fn load_config(path: Option<&PathBuf>) -> Result<Config> {
+    let env: BTreeMap<String, String> = std::env::vars().collect();
+    let (path, explicit) = match path {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from("incident-stream.toml"), false),
+    };
+    Ok(Config::load(&path, explicit, &env)?)
+}
+
+fn parse_ttl(s: &str) -> Result<Duration> {
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, ""), |i| s.split_at(i));
+    let n: u64 = num.parse().with_context(|| format!("bad --ttl `{s}`"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => bail!("bad --ttl unit in `{s}` (use s, m, h or d)"),
+    };
+    if secs == 0 {
+        bail!("--ttl must be positive");
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn ensure_dev_secrets(config: &Config) -> Result<()> {
+    for key in config.auth.keys.iter().filter(|k| k.generate) {
+        if let Some(path) = &key.secret_file {
+            if incident_stream::auth::ensure_dev_secret(path)
+                .with_context(|| format!("cannot create dev secret {}", path.display()))?
+            {
+                tracing::info!(kid = %key.kid, path = %path.display(), "generated a random dev signing secret (missing)");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("Ctrl-C received"),
+        () = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+async fn serve(config: Config) -> Result<()> {
+    init_logging(&config);
+    ensure_dev_secrets(&config)?;
+    let server = Server::builder().config(config).build()?;
+    let running = server.start().await?;
+    let addr = running.local_addr();
+    println!("incident-stream is listening on http://{addr}");
+    println!("  mint a publisher token:   incident-stream token --tenant acme --sub alice --roles publisher");
+    println!(
+        "  publish:                  curl -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' \\"
+    );
+    println!("                              -d '{{\"event_type\":\"incident_created\",\"severity\":\"P1\"}}' http://{addr}/v1/events");
+    println!("  subscribe (WebSocket):    ws://{addr}/ws with header Authorization: Bearer <token>");
+    println!("  health / metrics:         http://{addr}/health  http://{addr}/metrics");
+    running.run_until(shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn mint(config: &Config, tenant: &str, sub: &str, roles: &str, ttl: &str, kid: Option<&str>) -> Result<String> {
+    ensure_dev_secrets(config)?;
+    let auth = incident_stream::auth::Authenticator::new(&config.auth, &|k| std::env::var(k).ok())?;
+    let kid = match kid {
+        Some(k) => k.to_owned(),
+        None => config
+            .auth
+            .keys
+            .iter()
+            .find(|k| k.algorithm.starts_with("HS"))
+            .map(|k| k.kid.clone())
+            .context("no HS key configured to mint with")?,
+    };
+    let ttl = parse_ttl(ttl)?;
+    let now = incident_stream::time::unix_now();
+    let roles: Vec<&str> = roles.split(',').map(str::trim).filter(|r| !r.is_empty()).collect();
+    let mut claims = serde_json::Map::new();
+    claims.insert("sub".into(), sub.into());
+    claims.insert(config.auth.tenant_claim.clone(), tenant.into());
+    claims.insert("roles".into(), roles.into());
+    claims.insert("iat".into(), now.into());
+    claims.insert("exp".into(), (now + ttl.as_secs()).into());
+    claims.insert("jti".into(), uuid::Uuid::new_v4().to_string().into());
+    if let Some(iss) = &config.auth.issuer {
+        claims.insert("iss".into(), iss.clone().into());
+    }
+    if let Some(aud) = &config.auth.audience {
+        claims.insert("aud".into(), aud.clone().into());
+    }
+    Ok(auth.mint(&kid, &claims)?)
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let config = load_config(cli.config.as_ref())?;
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(serve(config))
+        }
+        Command::Token { tenant, sub, roles, ttl, kid } => {
+            println!("{}", mint(&config, &tenant, &sub, &roles, &ttl, kid.as_deref())?);
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_units() {
+        assert_eq!(parse_ttl("90").expect("ok").as_secs(), 90);
+        assert_eq!(parse_ttl("30m").expect("ok").as_secs(), 1800);
+        assert_eq!(parse_ttl("1h").expect("ok").as_secs(), 3600);
+        assert_eq!(parse_ttl("2d").expect("ok").as_secs(), 172800);
+        assert!(parse_ttl("0").is_err());
+        assert!(parse_ttl("1y").is_err());
+        assert!(parse_ttl("h").is_err());
+    }
+}

@@ -1,0 +1,273 @@
+//! Assembling and running the service: [`Server::builder`] for embedding with the seeds'
+//! builder methods, [`Server::start`] to bind and serve, [`Server::embed`] to mount the routes in
+//! an existing axum app, and [`Running::shutdown`] for the graceful stop (stop accepting, send
+//! `closing` with `reconnect_after_ms` to every session, drain within the grace period).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::auth::{Authenticator, KeyError};
+use crate::bus::{LocalBus, Published};
+use crate::config::{Config, ConfigError};
+use crate::fanout::{self, Hub};
+use crate::http::{self, AppState};
+use crate::metrics::Metrics;
+use crate::protocol::CloseReason;
+use crate::session::SessionSettings;
+
+/// How long a closing handshake with one client may take.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the server could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A key could not be loaded.
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    /// Metrics could not be registered.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// The listener could not be bound or served.
+    #[error("listener {addr}: {source}")]
+    Io {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+type EnvLookup = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// Builds a [`Server`]; the seeds' `WebSocketStateBuilder` methods are here.
+pub struct ServerBuilder {
+    config: Config,
+    env: EnvLookup,
+}
+
+impl ServerBuilder {
+    /// Starts from a whole configuration.
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+    /// Outbound queue bound per connection.
+    pub fn max_pending_messages(mut self, n: usize) -> Self {
+        self.config.websocket.max_pending_messages = n;
+        self
+    }
+    /// WebSocket ping interval.
+    pub fn heartbeat_interval_secs(mut self, secs: u64) -> Self {
+        self.config.websocket.heartbeat_interval_secs = secs;
+        self
+    }
+    /// Idle session timeout.
+    pub fn session_timeout_secs(mut self, secs: u64) -> Self {
+        self.config.websocket.session_timeout_secs = secs;
+        self
+    }
+    /// Cleanup sweep interval.
+    pub fn cleanup_interval_secs(mut self, secs: u64) -> Self {
+        self.config.websocket.cleanup_interval_secs = secs;
+        self
+    }
+    /// Queue between the bus and the fan-out.
+    pub fn broadcast_capacity(mut self, n: usize) -> Self {
+        self.config.websocket.broadcast_capacity = n;
+        self
+    }
+    /// Listen address (port 0 picks one).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.config.server.listen = addr;
+        self
+    }
+    /// How `secret_env` names are resolved (default: the process environment).
+    pub fn env(mut self, lookup: impl Fn(&str) -> Option<String> + Send + Sync + 'static) -> Self {
+        self.env = Box::new(lookup);
+        self
+    }
+    /// Validates the configuration, loads the keys and assembles the server.
+    pub fn build(self) -> Result<Server, ServerError> {
+        Server::new(self.config, &*self.env)
+    }
+}
+
+/// An assembled, not yet running server.
+pub struct Server {
+    config: Config,
+    state: Arc<AppState>,
+    bus_rx: mpsc::Receiver<Arc<Published>>,
+}
+
+/// The routes and background tasks of a server mounted in someone else's axum app.
+pub struct Embedded {
+    /// Merge this into the host app (it needs `into_make_service_with_connect_info::<SocketAddr>()`).
+    pub router: Router,
+    hub: Arc<Hub>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Embedded {
+    /// Closes every session with `closing` (1001) and stops the background tasks.
+    pub async fn shutdown(self, grace: Duration) {
+        drain(&self.hub, grace).await;
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// A running server.
+pub struct Running {
+    local_addr: SocketAddr,
+    handle: axum_server::Handle<SocketAddr>,
+    hub: Arc<Hub>,
+    serve: JoinHandle<std::io::Result<()>>,
+    tasks: Vec<JoinHandle<()>>,
+    grace: Duration,
+}
+
+async fn drain(hub: &Hub, grace: Duration) {
+    let sessions = hub.session_count();
+    tracing::info!(sessions, grace_secs = grace.as_secs_f64(), "shutting down: closing sessions");
+    hub.close_all(|_| CloseReason::Shutdown { reconnect_after_ms: rand::random_range(500..5000) });
+    let deadline = tokio::time::Instant::now() + grace;
+    while hub.session_count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = hub.session_count();
+    if left > 0 {
+        tracing::warn!(sessions = left, "grace period over with sessions still open");
+    }
+}
+
+impl Running {
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Graceful shutdown: stop accepting, close every session with `closing` + 1001, wait for
+    /// them within the grace period, stop.
+    pub async fn shutdown(self) -> Result<(), ServerError> {
+        self.handle.graceful_shutdown(Some(self.grace));
+        drain(&self.hub, self.grace).await;
+        for t in &self.tasks {
+            t.abort();
+        }
+        let addr = self.local_addr;
+        match tokio::time::timeout(self.grace + Duration::from_secs(1), self.serve).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(source))) => Err(ServerError::Io { addr, source }),
+            Ok(Err(join)) => Err(ServerError::Io { addr, source: std::io::Error::other(join) }),
+            Err(_) => {
+                tracing::warn!("listener did not stop within the grace period");
+                Ok(())
+            }
+        }
+    }
+
+    /// Serves until `signal` completes, then shuts down gracefully.
+    pub async fn run_until(self, signal: impl Future<Output = ()>) -> Result<(), ServerError> {
+        signal.await;
+        self.shutdown().await
+    }
+}
+
+impl Server {
+    /// A builder over the embedded defaults.
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder { config: Config::default(), env: Box::new(|k| std::env::var(k).ok()) }
+    }
+
+    /// Assembles a server from a configuration.
+    pub fn new(config: Config, env: &dyn Fn(&str) -> Option<String>) -> Result<Server, ServerError> {
+        config.validate()?;
+        let metrics = Arc::new(Metrics::new()?);
+        let auth = Arc::new(Authenticator::new(&config.auth, env)?);
+        let ws = &config.websocket;
+        let hub = Arc::new(Hub::new(Arc::clone(&metrics), ws.max_pending_messages));
+        let (bus, bus_rx) = LocalBus::new(ws.broadcast_capacity);
+        let nz = |v: u32| NonZeroU32::new(v).unwrap_or(NonZeroU32::MIN);
+        let sessions = Arc::new(SessionSettings {
+            heartbeat: Duration::from_secs(ws.heartbeat_interval_secs),
+            max_subscriptions: ws.max_subscriptions_per_connection,
+            messages_per_second: nz(ws.messages_per_second),
+            message_burst: nz(ws.message_burst),
+            close_timeout: CLOSE_TIMEOUT,
+        });
+        let state = Arc::new(AppState {
+            hub,
+            bus: Arc::new(bus),
+            auth,
+            metrics,
+            sessions,
+            publish: config.publish.clone(),
+            max_frame_bytes: config.server.max_frame_bytes,
+        });
+        Ok(Server { config, state, bus_rx })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn spawn_tasks(self) -> (Config, Arc<AppState>, Vec<JoinHandle<()>>) {
+        let ws = &self.config.websocket;
+        let hub = Arc::clone(&self.state.hub);
+        let dispatcher = tokio::spawn(fanout::run_dispatcher(Arc::clone(&hub), self.bus_rx));
+        let cleanup = tokio::spawn(fanout::run_cleanup(
+            hub,
+            Duration::from_secs(ws.cleanup_interval_secs),
+            Duration::from_secs(ws.session_timeout_secs),
+        ));
+        if ws.enable_compression {
+            tracing::warn!(
+                "websocket.enable_compression is set, but permessage-deflate is not supported: frames are sent uncompressed"
+            );
+        }
+        (self.config, self.state, vec![dispatcher, cleanup])
+    }
+
+    /// Starts the background tasks and returns the routes for mounting in an existing app.
+    pub fn embed(self) -> Embedded {
+        let (_, state, tasks) = self.spawn_tasks();
+        let hub = Arc::clone(&state.hub);
+        Embedded { router: http::router(state), hub, tasks }
+    }
+
+    /// Binds the configured address and serves.
+    pub async fn start(self) -> Result<Running, ServerError> {
+        let addr = self.config.server.listen;
+        let io = |source| ServerError::Io { addr, source };
+        let listener = std::net::TcpListener::bind(addr).map_err(io)?;
+        listener.set_nonblocking(true).map_err(io)?;
+        let local_addr = listener.local_addr().map_err(io)?;
+        let (config, state, tasks) = self.spawn_tasks();
+        let hub = Arc::clone(&state.hub);
+        let app = http::router(state);
+        let handle = axum_server::Handle::new();
+        let server = axum_server::from_tcp(listener).map_err(io)?.handle(handle.clone());
+        let serve = tokio::spawn(server.serve(app.into_make_service_with_connect_info::<SocketAddr>()));
+        tracing::info!(addr = %local_addr, "listening (plain HTTP; TLS arrives with the security edge)");
+        Ok(Running {
+            local_addr,
+            handle,
+            hub,
+            serve,
+            tasks,
+            grace: Duration::from_secs(config.server.shutdown_grace_secs),
+        })
+    }
+}

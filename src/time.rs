@@ -1,0 +1,38 @@
+//! Wall-clock formatting: every time on the wire is an RFC 3339 UTC string.
+
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+/// Now, as RFC 3339 UTC with microseconds.
+pub fn rfc3339_now() -> String {
+    format_utc(OffsetDateTime::now_utc())
+}
+
+/// A Unix time in seconds as RFC 3339 UTC (clamped to the representable range).
+pub fn rfc3339_from_unix(secs: u64) -> String {
+    let secs = i64::try_from(secs).unwrap_or(i64::MAX);
+    OffsetDateTime::from_unix_timestamp(secs).map(format_utc).unwrap_or_else(|_| "9999-12-31T23:59:59Z".to_owned())
+}
+
+fn format_utc(t: OffsetDateTime) -> String {
+    let t = t.replace_nanosecond(t.microsecond() * 1000).unwrap_or(t);
+    t.format(&Rfc3339).unwrap_or_default()
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    OffsetDateTime::now_utc().unix_timestamp().max(0) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_utc() {
+        assert_eq!(rfc3339_from_unix(0), "1970-01-01T00:00:00Z");
+        let now = rfc3339_now();
+        assert!(now.ends_with('Z'), "{now}");
+        assert!(OffsetDateTime::parse(&now, &Rfc3339).is_ok());
+    }
+}
