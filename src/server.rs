@@ -204,6 +204,7 @@ impl Server {
             max_subscriptions: ws.max_subscriptions_per_connection,
             messages_per_second: nz(ws.messages_per_second),
             message_burst: nz(ws.message_burst),
+            max_frame_bytes: config.server.max_frame_bytes,
             close_timeout: CLOSE_TIMEOUT,
         });
         let state = Arc::new(AppState {

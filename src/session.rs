@@ -38,6 +38,8 @@ pub(crate) struct SessionSettings {
     pub(crate) max_subscriptions: usize,
     pub(crate) messages_per_second: NonZeroU32,
     pub(crate) message_burst: NonZeroU32,
+    /// Largest client message; larger closes with 1009.
+    pub(crate) max_frame_bytes: usize,
     /// How long a closing handshake may take before the socket is dropped.
     pub(crate) close_timeout: Duration,
 }
@@ -309,6 +311,15 @@ impl Session {
     }
 
     async fn on_message(&mut self, socket: &mut WebSocket, msg: Message) -> Option<End> {
+        let size = match &msg {
+            Message::Text(t) => t.len(),
+            Message::Binary(b) => b.len(),
+            _ => 0,
+        };
+        if size > self.ctx.settings.max_frame_bytes {
+            self.ctx.metrics.connection_errors.inc();
+            return Some(End::Close(CloseReason::FrameTooLarge, None));
+        }
         let text = match msg {
             Message::Text(t) => t,
             Message::Binary(_) => {

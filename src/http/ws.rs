@@ -21,6 +21,10 @@ use crate::session::{self, SessionContext};
 /// Client read buffer: small, because most client frames are tiny and there may be many
 /// thousands of idle connections.
 const READ_BUFFER_BYTES: usize = 4096;
+/// The WebSocket layer reads whole messages up to this multiple of `max_frame_bytes`, so the
+/// session can refuse an oversized one with a clean 1009 close (the bytes were consumed, so no
+/// reset cuts the close frame off). Beyond it the connection is dropped at once.
+const HARD_CAP_FACTOR: usize = 4;
 /// Writes are batched up to this many bytes before a syscall.
 const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 
@@ -46,8 +50,8 @@ pub(crate) async fn upgrade(
     };
     upgrade
         .protocols([SUBPROTOCOL])
-        .max_frame_size(state.max_frame_bytes)
-        .max_message_size(state.max_frame_bytes)
+        .max_frame_size(state.max_frame_bytes * HARD_CAP_FACTOR)
+        .max_message_size(state.max_frame_bytes * HARD_CAP_FACTOR)
         .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(WRITE_BUFFER_BYTES)
         .on_upgrade(move |socket| session::run(socket, ctx))

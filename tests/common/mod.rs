@@ -1,0 +1,268 @@
+//! Shared harness of the black-box tests: a real server on 127.0.0.1:0, real signed tokens,
+//! real WebSocket clients and a minimal HTTP/1.1 client. Every wait is bounded.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use incident_stream::config::{Config, KeyConfig};
+use incident_stream::{Running, Server};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
+pub const KID: &str = "test";
+/// Upper bound of any single wait in these tests.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A test configuration: loopback port 0, one HS256 test key, quick timers left at defaults.
+pub fn config() -> Config {
+    let mut c = Config::default();
+    c.server.listen = "127.0.0.1:0".parse().expect("addr");
+    c.server.shutdown_grace_secs = 3;
+    c.websocket.enable_compression = false;
+    c.auth.keys = vec![KeyConfig {
+        kid: KID.into(),
+        algorithm: "HS256".into(),
+        secret: Some(SECRET.into()),
+        ..KeyConfig::default()
+    }];
+    c
+}
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    running: Option<Running>,
+}
+
+impl TestServer {
+    pub async fn start(config: Config) -> TestServer {
+        let server = Server::builder().config(config).build().expect("server builds");
+        let running = server.start().await.expect("server starts");
+        TestServer { addr: running.local_addr(), running: Some(running) }
+    }
+
+    pub async fn default() -> TestServer {
+        TestServer::start(config()).await
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await.expect("clean shutdown");
+        }
+    }
+
+    /// Publishes with a fresh publisher token of `tenant`; asserts 202 and returns the ids.
+    pub async fn publish(&self, tenant: &str, body: &Value) -> Vec<String> {
+        let t = token(tenant, "publisher-1", &["publisher"], 300);
+        let r = http(self.addr, "POST", "/v1/events", &[("authorization", &format!("Bearer {t}"))], Some(body)).await;
+        assert_eq!(r.status, 202, "publish failed: {}", r.body);
+        r.json()["message_ids"].as_array().expect("ids").iter().map(|v| v.as_str().expect("id").to_owned()).collect()
+    }
+
+    pub async fn metrics(&self) -> Metrics {
+        let r = http(self.addr, "GET", "/metrics", &[], None).await;
+        assert_eq!(r.status, 200);
+        Metrics::parse(&r.body)
+    }
+}
+
+/// Signs a token with the test key.
+pub fn token(tenant: &str, sub: &str, roles: &[&str], ttl_secs: i64) -> String {
+    let now = jsonwebtoken::get_current_timestamp() as i64;
+    sign(json!({"sub": sub, "tenant": tenant, "roles": roles, "exp": now + ttl_secs, "iat": now}))
+}
+
+pub fn sign(claims: Value) -> String {
+    let mut h = Header::new(Algorithm::HS256);
+    h.kid = Some(KID.into());
+    jsonwebtoken::encode(&h, &claims, &EncodingKey::from_secret(SECRET.as_bytes())).expect("sign")
+}
+
+/// Prometheus text parsed into `name{labels}` → value.
+pub struct Metrics(pub HashMap<String, f64>);
+
+impl Metrics {
+    pub fn parse(text: &str) -> Metrics {
+        let map = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(k, v)| v.parse().ok().map(|v| (k.to_owned(), v))))
+            .collect();
+        Metrics(map)
+    }
+
+    pub fn get(&self, key: &str) -> f64 {
+        *self.0.get(key).unwrap_or_else(|| panic!("metric {key} missing"))
+    }
+}
+
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// A minimal HTTP/1.1 client (Connection: close), enough for the API under test.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&Value>,
+) -> HttpResponse {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut extra: Vec<(&str, &str)> = headers.to_vec();
+    if !body.is_empty() && !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
+        extra.push(("content-type", "application/json"));
+    }
+    raw_http(addr, method, path, &extra, body.as_bytes()).await
+}
+
+pub async fn raw_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpResponse {
+    let mut req =
+        format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n", body.len());
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    let mut stream =
+        tokio::time::timeout(WAIT, TcpStream::connect(addr)).await.expect("connect in time").expect("connect");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    // A server may answer (413) before reading the whole body and close; tolerate a failed write.
+    let _ignored = stream.write_all(&bytes).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut out)).await.expect("response in time");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no HTTP response: {text:?}"));
+    let mut lines = head.lines();
+    let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).expect("status line");
+    let headers =
+        lines.filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))).collect();
+    HttpResponse { status, headers, body: body.to_owned() }
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A protocol client over a real WebSocket.
+pub struct Client {
+    pub ws: Ws,
+    pub welcome: Value,
+}
+
+impl Client {
+    /// Connects with a bearer token and waits for `welcome`.
+    pub async fn connect(server: &TestServer, token: &str) -> Client {
+        let mut req = server.ws_url().into_client_request().expect("request");
+        req.headers_mut().insert("authorization", format!("Bearer {token}").parse().expect("header"));
+        let (ws, _) =
+            tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req)).await.expect("in time").expect("upgrade");
+        let mut c = Client { ws, welcome: Value::Null };
+        let w = c.recv().await;
+        assert_eq!(w["type"], "welcome", "{w}");
+        c.welcome = w;
+        c
+    }
+
+    /// Connects as `sub` of `tenant` with a 5-minute token.
+    pub async fn as_user(server: &TestServer, tenant: &str, sub: &str) -> Client {
+        Client::connect(server, &token(tenant, sub, &[], 300)).await
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.ws.send(Message::Text(v.to_string().into())).await.expect("send");
+    }
+
+    pub async fn send_text(&mut self, t: &str) {
+        self.ws.send(Message::Text(t.to_owned().into())).await.expect("send");
+    }
+
+    /// Next JSON text frame (pings are answered by the library).
+    pub async fn recv(&mut self) -> Value {
+        self.recv_within(WAIT).await.unwrap_or_else(|| panic!("no message within {WAIT:?}"))
+    }
+
+    pub async fn recv_within(&mut self, d: Duration) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + d;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.ws.next()).await.ok()?;
+            match next {
+                Some(Ok(Message::Text(t))) => return Some(serde_json::from_str(&t).expect("server sends JSON")),
+                Some(Ok(Message::Close(f))) => panic!("unexpected close: {f:?}"),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => panic!("read error: {e}"),
+                None => panic!("stream ended"),
+            }
+        }
+    }
+
+    /// Asserts nothing arrives for `d`.
+    pub async fn expect_silence(&mut self, d: Duration) {
+        if let Some(v) = self.recv_within(d).await {
+            panic!("expected nothing, got {v}");
+        }
+    }
+
+    pub async fn subscribe(&mut self, id: &str, filters: Value) -> Value {
+        self.send(json!({"type": "subscribe", "subscription_id": id, "filters": filters})).await;
+        let r = self.recv().await;
+        assert_eq!(r["type"], "subscribed", "{r}");
+        assert_eq!(r["subscription_id"], id);
+        r
+    }
+
+    /// Reads until a close frame; returns the text frames seen before it and the close code.
+    pub async fn read_until_close(&mut self) -> (Vec<Value>, u16, String) {
+        let mut seen = Vec::new();
+        loop {
+            let next = tokio::time::timeout(WAIT, self.ws.next()).await.expect("close in time");
+            match next {
+                Some(Ok(Message::Text(t))) => seen.push(serde_json::from_str(&t).expect("json")),
+                Some(Ok(Message::Close(Some(f)))) => return (seen, u16::from(f.code), f.reason.to_string()),
+                Some(Ok(Message::Close(None))) => return (seen, 1005, String::new()),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => panic!("read error before close: {e} (after {} frames)", seen.len()),
+                None => panic!("stream ended without a close frame"),
+            }
+        }
+    }
+
+    /// Ping/pong round trip: proves the connection is alive and in order.
+    pub async fn assert_alive(&mut self) {
+        self.send(json!({"type": "ping", "timestamp": "alive-check"})).await;
+        let p = self.recv().await;
+        assert_eq!(p, json!({"type": "pong", "timestamp": "alive-check"}));
+    }
+}
+
+pub fn close_code(c: CloseCode) -> u16 {
+    u16::from(c)
+}
