@@ -470,7 +470,11 @@ impl Session {
                 metrics.messages_sent.inc();
             }
             socket.send(Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from(reason.as_str()) }))).await?;
-            // Read until the client's close (or the end of the stream).
+            // Read until the client's close (or the end of the stream), so nothing in flight is
+            // cut off by a reset. A peer that stopped answering pings will not answer this either.
+            if reason == CloseReason::HeartbeatTimeout {
+                return Ok(());
+            }
             while let Some(Ok(m)) = futures_util::StreamExt::next(socket).await {
                 if matches!(m, Message::Close(_)) {
                     break;

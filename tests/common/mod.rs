@@ -50,6 +50,11 @@ impl TestServer {
         TestServer { addr: running.local_addr(), running: Some(running) }
     }
 
+    /// A server started elsewhere (e.g. the binary), known by its address.
+    pub fn at(addr: SocketAddr) -> TestServer {
+        TestServer { addr, running: None }
+    }
+
     pub async fn default() -> TestServer {
         TestServer::start(config()).await
     }
