@@ -109,6 +109,8 @@ pub struct WebSocketConfig {
     pub enable_compression: bool,
     /// Most subscriptions one connection may hold.
     pub max_subscriptions_per_connection: usize,
+    /// A write to a client that makes no progress for this long closes it with 4008.
+    pub write_timeout_secs: u64,
     /// Client messages allowed per second on one connection.
     pub messages_per_second: u32,
     /// Burst of client messages allowed above the rate.
@@ -125,6 +127,7 @@ impl Default for WebSocketConfig {
             broadcast_capacity: 10000,
             enable_compression: true,
             max_subscriptions_per_connection: 100,
+            write_timeout_secs: 10,
             messages_per_second: 50,
             message_burst: 100,
         }
@@ -327,11 +330,21 @@ impl Config {
         at_least("websocket.session_timeout_secs", w.session_timeout_secs, 1)?;
         at_least("websocket.cleanup_interval_secs", w.cleanup_interval_secs, 1)?;
         at_least("websocket.broadcast_capacity", w.broadcast_capacity as u64, 1)?;
+        at_least("websocket.write_timeout_secs", w.write_timeout_secs, 1)?;
         at_least("websocket.max_subscriptions_per_connection", w.max_subscriptions_per_connection as u64, 1)?;
         at_least("websocket.messages_per_second", u64::from(w.messages_per_second), 1)?;
         at_least("websocket.message_burst", u64::from(w.message_burst), 1)?;
         at_least("publish.max_batch", self.publish.max_batch as u64, 1)?;
         at_least("publish.max_body_bytes", self.publish.max_body_bytes as u64, 256)?;
+        if self.publish.max_batch > w.broadcast_capacity {
+            return Err(ConfigError::Invalid {
+                key: "publish.max_batch",
+                message: format!(
+                    "must not exceed websocket.broadcast_capacity ({}), or such a batch could never be accepted",
+                    w.broadcast_capacity
+                ),
+            });
+        }
         if self.auth.keys.is_empty() {
             return Err(ConfigError::Invalid { key: "auth.keys", message: "at least one key is required".into() });
         }
@@ -412,6 +425,7 @@ mod tests {
             ("", &[("INCIDENT_STREAM__WEBSOCKET__MAX_PENDING_MESSAGES", "0")], "websocket.max_pending_messages"),
             ("[log]\nformat = \"xml\"\n", &[], "log.format"),
             ("[bus]\nkind = \"kafka\"\n", &[], "bus.kind"),
+            ("[publish]\nmax_batch = 20000\n", &[], "publish.max_batch"),
         ];
         for (text, e, key) in cases {
             let err = load(text, e).expect_err("must fail").to_string();

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -37,6 +37,8 @@ pub(crate) struct Conn {
     last_message_ms: AtomicU64,
     /// Subscriptions currently held.
     subscriptions: AtomicUsize,
+    /// Set by the cleanup sweep when the session looks idle; the session decides.
+    idle_nudge: AtomicBool,
 }
 
 impl Conn {
@@ -44,11 +46,16 @@ impl Conn {
     pub(crate) fn touch(&self, hub: &Hub) {
         self.last_message_ms.store(hub.elapsed_ms(), Ordering::Relaxed);
     }
+
+    /// Takes the cleanup sweep's hint that this session may be idle.
+    pub(crate) fn take_idle_nudge(&self) -> bool {
+        self.idle_nudge.swap(false, Ordering::Relaxed)
+    }
 }
 
 struct Entry {
     conn: Arc<Conn>,
-    filters: Arc<[SubscriptionFilter]>,
+    filters: Arc<[Arc<SubscriptionFilter>]>,
 }
 
 #[derive(Default)]
@@ -58,7 +65,7 @@ struct TenantIndex {
 }
 
 impl TenantIndex {
-    fn set(&mut self, conn: &Arc<Conn>, filters: Arc<[SubscriptionFilter]>) {
+    fn set(&mut self, conn: &Arc<Conn>, filters: Arc<[Arc<SubscriptionFilter>]>) {
         match (self.position.get(&conn.id).copied(), filters.is_empty()) {
             (Some(i), false) => self.entries[i].filters = filters,
             (Some(i), true) => {
@@ -85,6 +92,8 @@ pub(crate) struct Hub {
     started: Instant,
     metrics: Arc<Metrics>,
     max_pending: usize,
+    /// Set once shutdown begins: sessions registering later are closed at once.
+    shutting_down: AtomicBool,
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -105,6 +114,7 @@ impl Hub {
             started: Instant::now(),
             metrics,
             max_pending,
+            shutting_down: AtomicBool::new(false),
         }
     }
 
@@ -133,8 +143,12 @@ impl Hub {
             outbox: Outbox::new(self.max_pending),
             last_message_ms: AtomicU64::new(self.elapsed_ms()),
             subscriptions: AtomicUsize::new(0),
+            idle_nudge: AtomicBool::new(false),
         });
         self.sessions().insert(conn.id, Arc::clone(&conn));
+        if self.shutting_down.load(Ordering::SeqCst) {
+            conn.outbox.request_close(shutdown_reason());
+        }
         conn
     }
 
@@ -145,7 +159,7 @@ impl Hub {
     }
 
     /// Replaces a connection's set of subscription filters (empty removes it from the index).
-    pub(crate) fn set_filters(&self, conn: &Arc<Conn>, filters: Arc<[SubscriptionFilter]>) {
+    pub(crate) fn set_filters(&self, conn: &Arc<Conn>, filters: Arc<[Arc<SubscriptionFilter>]>) {
         let count = filters.len();
         let index = {
             let tenants = read(&self.tenants);
@@ -180,14 +194,14 @@ impl Hub {
         }
     }
 
-    /// Asks every live session to close (shutdown, later revocation).
-    pub(crate) fn close_all(&self, reason: impl Fn(&Conn) -> CloseReason) {
+    /// Begins shutdown: every live session, and any that registers from now on, is asked to
+    /// close with `closing` (1001) and a spread-out reconnect delay, after its queued events.
+    pub(crate) fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
         let conns: Vec<Arc<Conn>> = self.sessions().values().cloned().collect();
-        let mut dropped = 0;
         for c in conns {
-            dropped += c.outbox.request_close(reason(&c));
+            c.outbox.request_close(shutdown_reason());
         }
-        self.metrics.events_dropped.inc_by(dropped);
     }
 
     /// Number of live sessions.
@@ -195,25 +209,29 @@ impl Hub {
         self.sessions().len()
     }
 
-    /// One sweep of the cleanup task: closes sessions that hold no subscription and sent no
-    /// message for `idle`. Returns how many were asked to close.
+    /// One sweep of the cleanup task: nudges sessions that hold no subscription and sent no
+    /// message for `idle`; each session re-checks its own state before closing (so a subscribe
+    /// racing the sweep wins). Returns how many were nudged.
     pub(crate) fn sweep_idle(&self, idle: Duration) -> usize {
         let now = self.elapsed_ms();
         let idle_ms = idle.as_millis() as u64;
-        let idle_conns: Vec<Arc<Conn>> = self
-            .sessions()
-            .values()
-            .filter(|c| {
-                c.subscriptions.load(Ordering::Relaxed) == 0
-                    && now.saturating_sub(c.last_message_ms.load(Ordering::Relaxed)) >= idle_ms
-            })
-            .cloned()
-            .collect();
-        for c in &idle_conns {
-            c.outbox.request_close(CloseReason::IdleTimeout);
+        let sessions = self.sessions();
+        let mut n = 0;
+        for c in sessions.values() {
+            if c.subscriptions.load(Ordering::Relaxed) == 0
+                && now.saturating_sub(c.last_message_ms.load(Ordering::Relaxed)) >= idle_ms
+            {
+                c.idle_nudge.store(true, Ordering::Relaxed);
+                c.outbox.wake();
+                n += 1;
+            }
         }
-        idle_conns.len()
+        n
     }
+}
+
+fn shutdown_reason() -> CloseReason {
+    CloseReason::Shutdown { reconnect_after_ms: rand::random_range(500..5000) }
 }
 
 /// The dispatcher task: takes events from the bus in order and fans each out.
@@ -232,7 +250,7 @@ pub(crate) async fn run_cleanup(hub: Arc<Hub>, interval: Duration, idle: Duratio
         tick.tick().await;
         let n = hub.sweep_idle(idle);
         if n > 0 {
-            tracing::info!(closed = n, "cleanup: closing idle sessions");
+            tracing::debug!(sessions = n, "cleanup: idle candidates nudged");
         }
     }
 }

@@ -43,28 +43,41 @@ struct State {
     dropped: u64,
     first_dropped: Option<MessageId>,
     dropped_since_caught_up: usize,
+    /// Id of the most recent event queued (for re-checking queued events after an unsubscribe).
+    last_queued: Option<MessageId>,
     close: Option<CloseReason>,
 }
 
 impl State {
-    fn record_drop(&mut self, id: MessageId, capacity: usize) {
+    fn note_loss(&mut self, id: MessageId) {
         self.dropped += 1;
         self.first_dropped = Some(self.first_dropped.map_or(id, |f| f.min(id)));
+    }
+
+    fn record_drop(&mut self, id: MessageId, capacity: usize) {
+        self.note_loss(id);
         self.dropped_since_caught_up += 1;
         if self.dropped_since_caught_up > capacity {
             self.close.get_or_insert(CloseReason::SlowConsumer);
         }
     }
 
-    /// Empties the queue (on close); returns how many events were discarded.
+    /// Empties the queue, recording every discarded event as lost; returns how many.
     fn discard_all(&mut self) -> u64 {
         let n = self.len as u64;
-        for q in &mut self.queues {
-            *q = VecDeque::new();
+        let queues = std::mem::take(&mut self.queues);
+        for e in queues.iter().flatten() {
+            self.note_loss(e.id);
         }
         self.len = 0;
         n
     }
+}
+
+/// Whether a close lets the queued events go out first (a graceful shutdown) or discards them
+/// (the connection is being cut off; the loss is reported in the final `lagged`).
+fn drains_first(reason: CloseReason) -> bool {
+    matches!(reason, CloseReason::Shutdown { .. } | CloseReason::IdleTimeout)
 }
 
 /// The queue itself. See the module docs.
@@ -92,7 +105,9 @@ impl Outbox {
     pub(crate) fn push(&self, ev: &Arc<Published>) -> PushOutcome {
         let mut st = self.lock();
         if st.close.is_some() {
-            return PushOutcome { queued: false, dropped: 0 };
+            // Closing: nothing new is queued, but the loss is still counted and reported.
+            st.note_loss(ev.id);
+            return PushOutcome { queued: false, dropped: 1 };
         }
         let was_empty = st.len == 0;
         let prio = ev.priority as usize;
@@ -108,15 +123,17 @@ impl Outbox {
                 }
                 st.queues[prio].push_back(Arc::clone(ev));
                 outcome.dropped = 1;
-            } else if ev.priority == Priority::Critical {
-                // Nothing left to shed but critical events: the client cannot keep up.
-                st.close.get_or_insert(CloseReason::SlowConsumer);
-                st.record_drop(ev.id, self.capacity);
-                outcome = PushOutcome { queued: false, dropped: 1 };
             } else {
+                if ev.priority == Priority::Critical {
+                    // Nothing left to shed but critical events: the client cannot keep up.
+                    st.close.get_or_insert(CloseReason::SlowConsumer);
+                }
                 st.record_drop(ev.id, self.capacity);
                 outcome = PushOutcome { queued: false, dropped: 1 };
             }
+        }
+        if outcome.queued {
+            st.last_queued = Some(ev.id);
         }
         let closing = st.close.is_some();
         if closing {
@@ -132,31 +149,42 @@ impl Outbox {
         outcome
     }
 
-    /// Asks the session to close (the first reason wins). Returns the number of queued events
-    /// discarded.
+    /// Asks the session to close (the first reason wins). A graceful close lets queued events
+    /// go out first; any other discards them (recorded for the final `lagged`) and interrupts a
+    /// blocked write. Returns the number of events discarded.
     pub(crate) fn request_close(&self, reason: CloseReason) -> u64 {
         let mut st = self.lock();
-        st.close.get_or_insert(reason);
-        let n = st.discard_all();
+        let reason = *st.close.get_or_insert(reason);
+        let graceful = drains_first(reason);
+        let n = if graceful { 0 } else { st.discard_all() };
         drop(st);
-        self.closing.notify_one();
+        if !graceful {
+            self.closing.notify_one();
+        }
         self.ready.notify_one();
         n
     }
 
-    /// Takes up to `max` events in publish order into `out`, with any pending lagged notice or
-    /// close request.
+    /// Records events that were taken from the queue but could not be written (the write was
+    /// cut off), so the final `lagged` covers them.
+    pub(crate) fn record_unsent(&self, events: &[Arc<Published>]) {
+        let mut st = self.lock();
+        for e in events {
+            st.note_loss(e.id);
+        }
+    }
+
+    /// Takes up to `max` events in publish order into `out`, with any pending lagged notice. A
+    /// close request is returned once nothing more is to be written before it: at once for a
+    /// discarding close, after the queue is empty for a graceful one.
     pub(crate) fn drain(&self, out: &mut Vec<Arc<Published>>, max: usize) -> Drain {
         let mut st = self.lock();
-        let mut d = Drain { close: st.close, ..Drain::default() };
+        let mut d = Drain::default();
         if st.dropped > 0 {
             if let Some(first) = st.first_dropped.take() {
                 d.lagged = Some((st.dropped, first));
             }
             st.dropped = 0;
-        }
-        if d.close.is_some() {
-            return d;
         }
         while out.len() < max && st.len > 0 {
             // The next event in publish order is the smallest id among the queue heads.
@@ -170,8 +198,19 @@ impl Outbox {
         }
         if st.len == 0 {
             st.dropped_since_caught_up = 0;
+            d.close = st.close;
         }
         d
+    }
+
+    /// The close requested so far, if any.
+    pub(crate) fn close_reason(&self) -> Option<CloseReason> {
+        self.lock().close
+    }
+
+    /// The id of the most recent event queued, if any was.
+    pub(crate) fn last_queued(&self) -> Option<MessageId> {
+        self.lock().last_queued
     }
 
     /// Wakes the session task so it drains again (used when a drain left events behind).
@@ -189,11 +228,11 @@ impl Outbox {
         self.ready.notified().await;
     }
 
-    /// Completes when a close has been requested.
+    /// Completes when a discarding close has been requested (a graceful one lets writes finish).
     pub(crate) async fn closing(&self) {
         loop {
             let notified = self.closing.notified();
-            if self.lock().close.is_some() {
+            if self.lock().close.is_some_and(|r| !drains_first(r)) {
                 return;
             }
             notified.await;
@@ -277,14 +316,17 @@ mod tests {
         for s in 1..=9 {
             dropped += o.push(&ev(s, Some(Severity::P3))).dropped;
         }
-        // 4 queued, 5 shed: more than a queue's worth, so it is closed and the queue discarded.
+        // 4 queued, 5 shed: more than a queue's worth, so it is closed and the queue discarded;
+        // the final lagged covers every lost event from the first one on.
         let mut out = vec![];
         let d = o.drain(&mut out, 10);
         assert_eq!(d.close, Some(CloseReason::SlowConsumer));
         assert!(out.is_empty());
         assert_eq!(dropped, 9);
-        assert_eq!(d.lagged.map(|l| l.0), Some(5));
-        assert!(!o.push(&ev(10, Some(Severity::P0))).queued);
+        assert_eq!(d.lagged, Some((9, MessageId { epoch: 1, seq: 1 })));
+        let late = o.push(&ev(10, Some(Severity::P0)));
+        assert_eq!(late, PushOutcome { queued: false, dropped: 1 });
+        assert_eq!(o.drain(&mut out, 10).lagged, Some((1, MessageId { epoch: 1, seq: 10 })));
     }
 
     #[test]
@@ -314,13 +356,49 @@ mod tests {
     }
 
     #[test]
-    fn request_close_wins_over_queued_events() {
+    fn a_cutting_close_discards_and_reports_the_queue() {
         let o = Outbox::new(4);
         o.push(&ev(1, None));
-        assert_eq!(o.request_close(CloseReason::IdleTimeout), 1);
+        o.push(&ev(2, None));
+        assert_eq!(o.request_close(CloseReason::RateLimited), 2);
         o.request_close(CloseReason::SlowConsumer);
         let mut out = vec![];
-        assert_eq!(o.drain(&mut out, 10).close, Some(CloseReason::IdleTimeout));
+        let d = o.drain(&mut out, 10);
+        assert_eq!(d.close, Some(CloseReason::RateLimited), "the first reason wins");
+        assert_eq!(d.lagged, Some((2, MessageId { epoch: 1, seq: 1 })));
+        assert!(out.is_empty());
         assert_eq!(o.len(), 0);
+    }
+
+    #[test]
+    fn a_graceful_close_lets_queued_events_out_first() {
+        let o = Outbox::new(4);
+        o.push(&ev(1, None));
+        o.push(&ev(2, None));
+        let shutdown = CloseReason::Shutdown { reconnect_after_ms: 1000 };
+        assert_eq!(o.request_close(shutdown), 0);
+        // Nothing new is queued once closing; the loss is reported.
+        assert!(!o.push(&ev(3, None)).queued);
+        let mut out = vec![];
+        let d = o.drain(&mut out, 1);
+        assert_eq!((seqs(&out), d.close), (vec![1], None));
+        assert_eq!(d.lagged, Some((1, MessageId { epoch: 1, seq: 3 })));
+        out.clear();
+        let d = o.drain(&mut out, 10);
+        assert_eq!(seqs(&out), vec![2]);
+        assert_eq!(d.close, Some(shutdown));
+    }
+
+    #[test]
+    fn unsent_events_are_reported() {
+        let o = Outbox::new(4);
+        o.push(&ev(5, None));
+        o.push(&ev(6, None));
+        let mut out = vec![];
+        o.drain(&mut out, 10);
+        assert_eq!(o.last_queued(), Some(MessageId { epoch: 1, seq: 6 }));
+        o.record_unsent(&out);
+        out.clear();
+        assert_eq!(o.drain(&mut out, 10).lagged, Some((2, MessageId { epoch: 1, seq: 5 })));
     }
 }

@@ -19,7 +19,6 @@ use crate::config::{Config, ConfigError};
 use crate::fanout::{self, Hub};
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
-use crate::protocol::CloseReason;
 use crate::session::SessionSettings;
 
 /// How long a closing handshake with one client may take.
@@ -140,7 +139,7 @@ pub struct Running {
 async fn drain(hub: &Hub, grace: Duration) {
     let sessions = hub.session_count();
     tracing::info!(sessions, grace_secs = grace.as_secs_f64(), "shutting down: closing sessions");
-    hub.close_all(|_| CloseReason::Shutdown { reconnect_after_ms: rand::random_range(500..5000) });
+    hub.begin_shutdown();
     let deadline = tokio::time::Instant::now() + grace;
     while hub.session_count() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -199,8 +198,12 @@ impl Server {
         let hub = Arc::new(Hub::new(Arc::clone(&metrics), ws.max_pending_messages));
         let (bus, bus_rx) = LocalBus::new(ws.broadcast_capacity);
         let nz = |v: u32| NonZeroU32::new(v).unwrap_or(NonZeroU32::MIN);
+        let heartbeat = Duration::from_secs(ws.heartbeat_interval_secs);
         let sessions = Arc::new(SessionSettings {
-            heartbeat: Duration::from_secs(ws.heartbeat_interval_secs),
+            heartbeat,
+            idle_timeout: Duration::from_secs(ws.session_timeout_secs),
+            leeway: Duration::from_secs(config.auth.leeway_secs),
+            write_timeout: Duration::from_secs(ws.write_timeout_secs),
             max_subscriptions: ws.max_subscriptions_per_connection,
             messages_per_second: nz(ws.messages_per_second),
             message_burst: nz(ws.message_burst),
@@ -270,5 +273,60 @@ impl Server {
             tasks,
             grace: Duration::from_secs(config.server.shutdown_grace_secs),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::KeyConfig;
+    use axum::body::Body;
+    use axum::extract::ConnectInfo;
+    use axum::http::{Request, StatusCode};
+    use tower::ServiceExt;
+
+    const SECRET: &str = "unit-test-secret-0123456789abcdef0123";
+
+    /// With the dispatcher stopped, the queue to the fan-out fills: a batch that does not fit is
+    /// refused whole with 503 and `Retry-After`, and nothing of it is queued.
+    #[tokio::test]
+    async fn a_full_fanout_queue_answers_503_and_queues_nothing() {
+        let mut config = Config::default();
+        config.websocket.broadcast_capacity = 3;
+        config.publish.max_batch = 3;
+        config.auth.keys = vec![KeyConfig {
+            kid: "k".into(),
+            algorithm: "HS256".into(),
+            secret: Some(SECRET.into()),
+            ..KeyConfig::default()
+        }];
+        let mut server = Server::new(config, &|_| None).expect("server");
+        let claims = serde_json::json!({"sub": "p", "tenant": "acme", "roles": ["publisher"],
+            "exp": crate::time::unix_now() + 60});
+        let token = server.state.auth.mint("k", claims.as_object().expect("object")).expect("token");
+        let router = http::router(Arc::clone(&server.state));
+        let post = |n: usize| {
+            let body: Vec<_> = (0..n).map(|_| serde_json::json!({"event_type": "escalated"})).collect();
+            let mut req = Request::post("/v1/events")
+                .header("authorization", format!("Bearer {token}"))
+                .header("content-type", "application/json")
+                .body(Body::from(serde_json::to_vec(&body).expect("json")))
+                .expect("request");
+            req.extensions_mut().insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 1))));
+            router.clone().oneshot(req)
+        };
+        assert_eq!(post(2).await.expect("response").status(), StatusCode::ACCEPTED);
+        let refused = post(2).await.expect("response");
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(refused.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+        let body = axum::body::to_bytes(refused.into_body(), 4096).await.expect("body");
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(v["code"], "overloaded");
+        assert_eq!(post(1).await.expect("response").status(), StatusCode::ACCEPTED);
+        let mut queued = 0;
+        while server.bus_rx.try_recv().is_ok() {
+            queued += 1;
+        }
+        assert_eq!(queued, 3, "only the accepted batches were queued");
     }
 }

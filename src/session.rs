@@ -2,20 +2,22 @@
 //! draining the outbox into the socket, heartbeats, token expiry and every way of closing.
 //!
 //! One task per connection runs a `select!` over the socket, the outbox, the heartbeat and the
-//! token deadline, so a connection costs one task. Every server-initiated close sends `closing`
-//! and a typed close code. Every write races the outbox's close signal, so a client that stopped
-//! reading can still be closed as a slow consumer. The session never touches another tenant's
-//! state: its only route to events is its own outbox, and its filters always carry the mandatory
-//! labels of its principal.
+//! token deadline, so a connection costs one task. Every write also races the outbox's close
+//! signal, the token deadline and a write timeout, so a client that stopped reading can neither
+//! hold a session past its token nor block its close. Every server-initiated close sends
+//! `closing` and a typed close code, preceded by `lagged` if events were lost. The session never
+//! touches another tenant's state: its only route to events is its own outbox, and its filters
+//! always carry the mandatory labels of its principal.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::auth::{Authenticator, Principal};
@@ -28,18 +30,27 @@ use crate::protocol::{self, ClientMessage, CloseReason, ErrorCode, ProtocolError
 
 /// Events written per drain before the task looks at the socket again.
 const BATCH: usize = 64;
-/// Consecutive rate-limited messages after which the connection is closed with 4029.
-const PERSISTENT_RATE_LIMIT_STRIKES: u32 = 10;
+/// Refused messages within [`REFUSAL_WINDOW`] after which the connection is closed with 4029.
+const PERSISTENT_REFUSALS: u32 = 10;
+const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
+/// Token deadlines further out than this are clamped (a huge `exp` must not overflow a timer).
+const MAX_SESSION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Session settings derived once from the configuration.
 #[derive(Debug, Clone)]
 pub(crate) struct SessionSettings {
     pub(crate) heartbeat: Duration,
+    /// No subscription and no client message for this long: the session is closed.
+    pub(crate) idle_timeout: Duration,
     pub(crate) max_subscriptions: usize,
     pub(crate) messages_per_second: NonZeroU32,
     pub(crate) message_burst: NonZeroU32,
     /// Largest client message; larger closes with 1009.
     pub(crate) max_frame_bytes: usize,
+    /// Clock skew tolerated on `exp`, also applied to the session deadline.
+    pub(crate) leeway: Duration,
+    /// A write that makes no progress for this long marks the client as stuck (4008).
+    pub(crate) write_timeout: Duration,
     /// How long a closing handshake may take before the socket is dropped.
     pub(crate) close_timeout: Duration,
 }
@@ -54,36 +65,50 @@ pub(crate) struct SessionContext {
     pub(crate) remote: SocketAddr,
 }
 
-/// How the main loop ended.
+/// How a session ends.
 enum End {
     /// The server closes with this reason.
-    Close(CloseReason, Option<(u64, MessageId)>),
+    Close(CloseReason),
     /// The client closed (with its code) or vanished.
     ClientGone(Option<u16>),
     /// Writing failed.
     WriteFailed,
 }
 
-/// Result of a write that races the close signal.
-enum Wrote {
-    Ok,
-    Interrupted,
-    Failed,
+/// Unregisters the session and settles its gauges however the task ends (even by a panic).
+struct Registration {
+    hub: Arc<Hub>,
+    conn: Arc<Conn>,
+    metrics: Arc<Metrics>,
+    started: Instant,
 }
 
-fn deadline_for(expires_at: u64) -> tokio::time::Instant {
-    let left = expires_at.saturating_sub(crate::time::unix_now());
-    tokio::time::Instant::now() + Duration::from_secs(left)
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.hub.unregister(&self.conn);
+        self.metrics.active_connections.dec();
+        self.metrics.session_duration.observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+fn deadline_for(expires_at: u64, leeway: Duration) -> tokio::time::Instant {
+    let left = Duration::from_secs(expires_at.saturating_sub(crate::time::unix_now())).saturating_add(leeway);
+    tokio::time::Instant::now() + left.min(MAX_SESSION)
 }
 
 struct Session {
     ctx: SessionContext,
     conn: Arc<Conn>,
-    subs: HashMap<String, SubscriptionFilter>,
+    subs: HashMap<String, Arc<SubscriptionFilter>>,
     mandatory: BTreeMap<String, String>,
     limiter: DefaultDirectRateLimiter,
-    strikes: u32,
+    refusals: u32,
+    refusal_window: Instant,
+    last_message: Instant,
     expiry: tokio::time::Instant,
+    /// After an unsubscribe, events queued up to this id are re-checked against the current
+    /// subscriptions before they are written.
+    recheck_until: Option<MessageId>,
     batch: Vec<Arc<Published>>,
 }
 
@@ -94,7 +119,12 @@ pub(crate) async fn run(mut socket: WebSocket, ctx: SessionContext) {
         ctx.hub.register(session_id.clone(), ctx.principal.tenant.clone(), ctx.principal.subject.clone(), ctx.remote);
     ctx.metrics.active_connections.inc();
     ctx.metrics.total_connections.inc();
-    let started = Instant::now();
+    let registration = Registration {
+        hub: Arc::clone(&ctx.hub),
+        conn: Arc::clone(&conn),
+        metrics: Arc::clone(&ctx.metrics),
+        started: Instant::now(),
+    };
     tracing::info!(
         session_id = %session_id, tenant = %conn.tenant, subject = %conn.subject,
         remote = %conn.remote, token_id = %ctx.principal.token_id, "session opened"
@@ -102,12 +132,15 @@ pub(crate) async fn run(mut socket: WebSocket, ctx: SessionContext) {
     let mandatory = BTreeMap::from([("tenant".to_owned(), ctx.principal.tenant.as_str().to_owned())]);
     let quota = Quota::per_second(ctx.settings.messages_per_second).allow_burst(ctx.settings.message_burst);
     let mut s = Session {
-        expiry: deadline_for(ctx.principal.expires_at),
+        expiry: deadline_for(ctx.principal.expires_at, ctx.settings.leeway),
         limiter: RateLimiter::direct(quota),
         conn: Arc::clone(&conn),
         subs: HashMap::new(),
         mandatory,
-        strikes: 0,
+        refusals: 0,
+        refusal_window: Instant::now(),
+        last_message: Instant::now(),
+        recheck_until: None,
         batch: Vec::new(),
         ctx,
     };
@@ -121,13 +154,12 @@ pub(crate) async fn run(mut socket: WebSocket, ctx: SessionContext) {
         protocol: protocol::PROTOCOL_VERSION,
     };
     let end = match s.send(&mut socket, welcome).await {
-        Wrote::Ok => s.main_loop(&mut socket).await,
-        Wrote::Interrupted => s.pending_close(),
-        Wrote::Failed => End::WriteFailed,
+        Ok(()) => s.main_loop(&mut socket).await,
+        Err(end) => end,
     };
     let code = match end {
-        End::Close(reason, lagged) => {
-            s.close(&mut socket, reason, lagged).await;
+        End::Close(reason) => {
+            s.close(&mut socket, reason).await;
             Some(reason.close_code().code())
         }
         End::ClientGone(code) => {
@@ -139,12 +171,11 @@ pub(crate) async fn run(mut socket: WebSocket, ctx: SessionContext) {
         }
         End::WriteFailed => None,
     };
-    s.ctx.hub.unregister(&conn);
-    s.ctx.metrics.active_connections.dec();
-    s.ctx.metrics.session_duration.observe(started.elapsed().as_secs_f64());
+    let duration = registration.started.elapsed().as_secs_f64();
+    drop(registration);
     tracing::info!(
         session_id = %session_id, tenant = %conn.tenant, subject = %conn.subject,
-        close_code = code, duration_secs = started.elapsed().as_secs_f64(), "session closed"
+        close_code = code, duration_secs = duration, "session closed"
     );
 }
 
@@ -153,195 +184,188 @@ fn is_too_large(e: axum::Error) -> bool {
 }
 
 impl Session {
-    fn pending_close(&mut self) -> End {
-        let mut none = Vec::new();
-        let d = self.conn.outbox.drain(&mut none, 0);
-        End::Close(d.close.unwrap_or(CloseReason::Internal), d.lagged)
-    }
-
     async fn main_loop(&mut self, socket: &mut WebSocket) -> End {
         let hb = self.ctx.settings.heartbeat;
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + hb, hb);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut awaiting_pong = false;
+        let expiry = tokio::time::sleep_until(self.expiry);
+        tokio::pin!(expiry);
         loop {
+            if expiry.deadline() != self.expiry {
+                expiry.as_mut().reset(self.expiry);
+            }
             let conn = Arc::clone(&self.conn);
-            let expiry = tokio::time::sleep_until(self.expiry);
-            tokio::select! {
-                () = conn.outbox.ready() => {
-                    if let Some(end) = self.flush_outbox(socket).await {
-                        return end;
-                    }
-                }
-                incoming = futures_util::StreamExt::next(socket) => {
+            let step = tokio::select! {
+                () = conn.outbox.ready() => self.flush_outbox(socket).await,
+                incoming = socket.next() => {
                     awaiting_pong = false;
-                    let msg = match incoming {
-                        None => return End::ClientGone(None),
-                        Some(Ok(m)) => m,
+                    match incoming {
+                        None => Err(End::ClientGone(None)),
+                        Some(Ok(m)) => self.on_message(socket, m).await,
                         Some(Err(e)) => {
                             self.ctx.metrics.connection_errors.inc();
-                            if is_too_large(e) {
-                                return End::Close(CloseReason::FrameTooLarge, None);
-                            }
-                            return End::ClientGone(None);
+                            Err(if is_too_large(e) { End::Close(CloseReason::FrameTooLarge) } else { End::ClientGone(None) })
                         }
-                    };
-                    if let Some(end) = self.on_message(socket, msg).await {
-                        return end;
                     }
                 }
                 _ = heartbeat.tick() => {
                     if awaiting_pong {
-                        return End::Close(CloseReason::HeartbeatTimeout, None);
-                    }
-                    awaiting_pong = true;
-                    match self.write(socket, Message::Ping(bytes::Bytes::new())).await {
-                        Wrote::Ok => {}
-                        Wrote::Interrupted => return self.pending_close(),
-                        Wrote::Failed => return End::WriteFailed,
+                        Err(End::Close(CloseReason::HeartbeatTimeout))
+                    } else {
+                        awaiting_pong = true;
+                        self.write(socket, Message::Ping(bytes::Bytes::new())).await
                     }
                 }
-                () = expiry => return End::Close(CloseReason::TokenExpired, None),
+                () = &mut expiry => Err(End::Close(CloseReason::TokenExpired)),
+            };
+            if let Err(end) = step {
+                return end;
             }
         }
     }
 
     /// Drains the outbox into the socket, a few batches at a time.
-    async fn flush_outbox(&mut self, socket: &mut WebSocket) -> Option<End> {
+    async fn flush_outbox(&mut self, socket: &mut WebSocket) -> Result<(), End> {
+        if self.conn.take_idle_nudge()
+            && self.subs.is_empty()
+            && self.last_message.elapsed() >= self.ctx.settings.idle_timeout
+        {
+            return Err(End::Close(CloseReason::IdleTimeout));
+        }
         for _ in 0..4 {
             let mut batch = std::mem::take(&mut self.batch);
             batch.clear();
             let d = self.conn.outbox.drain(&mut batch, BATCH);
-            if let Some(reason) = d.close {
-                return Some(End::Close(reason, d.lagged));
-            }
             if let Some((dropped, first)) = d.lagged {
-                let lagged = ServerMessage::Lagged { dropped, since_message_id: first.to_string() };
-                match self.send(socket, lagged).await {
-                    Wrote::Ok => {}
-                    Wrote::Interrupted => return Some(self.pending_close()),
-                    Wrote::Failed => return Some(End::WriteFailed),
-                }
+                self.send(socket, ServerMessage::Lagged { dropped, since_message_id: first.to_string() }).await?;
             }
-            if batch.is_empty() {
-                self.batch = batch;
-                return None;
-            }
-            let result = self.write_events(socket, &batch).await;
+            self.recheck(&mut batch);
+            let written = if batch.is_empty() { Ok(()) } else { self.write_events(socket, &batch).await };
             batch.clear();
             self.batch = batch;
-            match result {
-                Wrote::Ok => {}
-                Wrote::Interrupted => return Some(self.pending_close()),
-                Wrote::Failed => return Some(End::WriteFailed),
+            written?;
+            if let Some(reason) = d.close {
+                return Err(End::Close(reason));
+            }
+            if self.conn.outbox.len() == 0 {
+                return Ok(());
             }
         }
-        // More may be queued: come back after giving the socket and timers a turn.
-        if self.conn.outbox.len() > 0 {
-            self.conn.outbox.wake();
-        }
-        None
+        // More is queued: come back after giving the socket and timers a turn.
+        self.conn.outbox.wake();
+        Ok(())
     }
 
-    async fn write_events(&mut self, socket: &mut WebSocket, batch: &[Arc<Published>]) -> Wrote {
-        let metrics = Arc::clone(&self.ctx.metrics);
+    /// Drops events of a removed subscription that were queued before it was removed.
+    fn recheck(&mut self, batch: &mut Vec<Arc<Published>>) {
+        let Some(limit) = self.recheck_until else { return };
+        let passed = batch.last().is_some_and(|e| e.id >= limit) || self.conn.outbox.len() == 0;
+        batch.retain(|e| e.id > limit || self.subs.values().any(|f| f.matches(&e.routing)));
+        if passed {
+            self.recheck_until = None;
+        }
+    }
+
+    /// Writes one message and flushes, racing the close signal, the token deadline and the
+    /// write timeout.
+    async fn write(&mut self, socket: &mut WebSocket, msg: Message) -> Result<(), End> {
+        self.guarded(socket.send(msg)).await
+    }
+
+    async fn guarded(&mut self, write: impl Future<Output = Result<(), axum::Error>>) -> Result<(), End> {
         let conn = Arc::clone(&self.conn);
+        tokio::select! {
+            r = write => r.map_err(|e| {
+                self.ctx.metrics.send_errors.inc();
+                tracing::debug!(session_id = %conn.session_id, error = %e, "write failed");
+                End::WriteFailed
+            }),
+            () = conn.outbox.closing() => {
+                Err(End::Close(conn.outbox.close_reason().unwrap_or(CloseReason::SlowConsumer)))
+            }
+            () = tokio::time::sleep_until(self.expiry) => Err(End::Close(CloseReason::TokenExpired)),
+            () = tokio::time::sleep(self.ctx.settings.write_timeout) => {
+                tracing::info!(session_id = %conn.session_id, "write made no progress within the write timeout");
+                Err(End::Close(CloseReason::SlowConsumer))
+            }
+        }
+    }
+
+    async fn write_events(&mut self, socket: &mut WebSocket, batch: &[Arc<Published>]) -> Result<(), End> {
         let write = async {
             for ev in batch {
                 socket.feed(Message::Text(ev.frame.clone())).await?;
             }
             socket.flush().await
         };
-        tokio::select! {
-            r = write => match r {
-                Ok(()) => {
-                    let n = batch.len() as u64;
-                    metrics.events_delivered.inc_by(n);
-                    metrics.messages_sent.inc_by(n);
-                    for ev in batch {
-                        metrics.message_latency.observe(ev.published_at.elapsed().as_secs_f64());
-                    }
-                    Wrote::Ok
+        let r = self.guarded(write).await;
+        let metrics = &self.ctx.metrics;
+        let n = batch.len() as u64;
+        match &r {
+            Ok(()) => {
+                metrics.events_delivered.inc_by(n);
+                metrics.messages_sent.inc_by(n);
+                for ev in batch {
+                    metrics.message_latency.observe(ev.published_at.elapsed().as_secs_f64());
                 }
-                Err(e) => {
-                    metrics.send_errors.inc();
-                    tracing::debug!(session_id = %conn.session_id, error = %e, "event write failed");
-                    Wrote::Failed
-                }
-            },
-            () = conn.outbox.closing() => Wrote::Interrupted,
-        }
-    }
-
-    async fn write(&mut self, socket: &mut WebSocket, msg: Message) -> Wrote {
-        let conn = Arc::clone(&self.conn);
-        tokio::select! {
-            r = socket.send(msg) => match r {
-                Ok(()) => Wrote::Ok,
-                Err(e) => {
-                    self.ctx.metrics.send_errors.inc();
-                    tracing::debug!(session_id = %conn.session_id, error = %e, "write failed");
-                    Wrote::Failed
-                }
-            },
-            () = conn.outbox.closing() => Wrote::Interrupted,
-        }
-    }
-
-    async fn send(&mut self, socket: &mut WebSocket, msg: ServerMessage) -> Wrote {
-        let r = self.write(socket, Message::Text(Utf8Bytes::from(msg.to_text()))).await;
-        if matches!(r, Wrote::Ok) {
-            self.ctx.metrics.messages_sent.inc();
+            }
+            Err(_) => {
+                // Not known to have reached the client: reported in the final `lagged`.
+                self.conn.outbox.record_unsent(batch);
+                metrics.events_dropped.inc_by(n);
+            }
         }
         r
     }
 
-    async fn reply(&mut self, socket: &mut WebSocket, msg: ServerMessage) -> Option<End> {
-        match self.send(socket, msg).await {
-            Wrote::Ok => None,
-            Wrote::Interrupted => Some(self.pending_close()),
-            Wrote::Failed => Some(End::WriteFailed),
-        }
+    async fn send(&mut self, socket: &mut WebSocket, msg: ServerMessage) -> Result<(), End> {
+        self.write(socket, Message::Text(Utf8Bytes::from(msg.to_text()))).await?;
+        self.ctx.metrics.messages_sent.inc();
+        Ok(())
     }
 
-    async fn client_error(&mut self, socket: &mut WebSocket, e: ProtocolError) -> Option<End> {
+    async fn client_error(&mut self, socket: &mut WebSocket, e: ProtocolError) -> Result<(), End> {
         self.ctx.metrics.connection_errors.inc();
         tracing::debug!(session_id = %self.conn.session_id, code = e.code.as_str(), message = %e.message, "client error");
-        self.reply(socket, ServerMessage::from_error(e)).await
+        self.send(socket, ServerMessage::from_error(e)).await
     }
 
-    async fn on_message(&mut self, socket: &mut WebSocket, msg: Message) -> Option<End> {
-        let size = match &msg {
-            Message::Text(t) => t.len(),
-            Message::Binary(b) => b.len(),
-            _ => 0,
-        };
-        if size > self.ctx.settings.max_frame_bytes {
-            self.ctx.metrics.connection_errors.inc();
-            return Some(End::Close(CloseReason::FrameTooLarge, None));
+    /// Applies the per-connection message rate; persistent violation closes with 4029.
+    fn admit(&mut self) -> Result<bool, End> {
+        if self.limiter.check().is_ok() {
+            return Ok(true);
         }
-        let text = match msg {
-            Message::Text(t) => t,
-            Message::Binary(_) => {
-                self.ctx.metrics.messages_received.inc();
-                let e = ProtocolError {
-                    code: ErrorCode::InvalidMessage,
-                    message: "binary frames are not part of protocol v1; send JSON text".into(),
-                    subscription_id: None,
-                };
-                return self.client_error(socket, e).await;
+        self.ctx.metrics.rate_limited.with_label_values(&["message"]).inc();
+        if self.refusal_window.elapsed() > REFUSAL_WINDOW {
+            self.refusal_window = Instant::now();
+            self.refusals = 0;
+        }
+        self.refusals += 1;
+        if self.refusals >= PERSISTENT_REFUSALS {
+            return Err(End::Close(CloseReason::RateLimited));
+        }
+        Ok(false)
+    }
+
+    async fn on_message(&mut self, socket: &mut WebSocket, msg: Message) -> Result<(), End> {
+        let (text, size) = match msg {
+            Message::Text(t) => {
+                let n = t.len();
+                (Some(t), n)
             }
-            Message::Ping(_) | Message::Pong(_) => return None,
-            Message::Close(frame) => return Some(End::ClientGone(frame.map(|f| f.code))),
+            Message::Binary(b) => (None, b.len()),
+            Message::Ping(_) | Message::Pong(_) => return Ok(()),
+            Message::Close(frame) => return Err(End::ClientGone(frame.map(|f| f.code))),
         };
         self.ctx.metrics.messages_received.inc();
+        if size > self.ctx.settings.max_frame_bytes {
+            self.ctx.metrics.connection_errors.inc();
+            return Err(End::Close(CloseReason::FrameTooLarge));
+        }
+        self.last_message = Instant::now();
         self.conn.touch(&self.ctx.hub);
-        if self.limiter.check().is_err() {
-            self.ctx.metrics.rate_limited.with_label_values(&["message"]).inc();
-            self.strikes += 1;
-            if self.strikes >= PERSISTENT_RATE_LIMIT_STRIKES {
-                return Some(End::Close(CloseReason::RateLimited, None));
-            }
+        if !self.admit()? {
             let e = ProtocolError {
                 code: ErrorCode::RateLimited,
                 message: format!(
@@ -352,7 +376,14 @@ impl Session {
             };
             return self.client_error(socket, e).await;
         }
-        self.strikes = 0;
+        let Some(text) = text else {
+            let e = ProtocolError {
+                code: ErrorCode::InvalidMessage,
+                message: "binary frames are not part of protocol v1; send JSON text".into(),
+                subscription_id: None,
+            };
+            return self.client_error(socket, e).await;
+        };
         match ClientMessage::parse(&text) {
             Ok(m) => self.handle(socket, m).await,
             Err(e) => self.client_error(socket, e).await,
@@ -360,11 +391,11 @@ impl Session {
     }
 
     fn publish_filters(&self) {
-        let filters: Arc<[SubscriptionFilter]> = self.subs.values().cloned().collect::<Vec<_>>().into();
+        let filters: Arc<[Arc<SubscriptionFilter>]> = self.subs.values().cloned().collect();
         self.ctx.hub.set_filters(&self.conn, filters);
     }
 
-    async fn handle(&mut self, socket: &mut WebSocket, msg: ClientMessage) -> Option<End> {
+    async fn handle(&mut self, socket: &mut WebSocket, msg: ClientMessage) -> Result<(), End> {
         let err = |code, message: String, sub: Option<&str>| ProtocolError {
             code,
             message,
@@ -403,10 +434,10 @@ impl Session {
                     }
                 };
                 let effective = filter.to_spec();
-                self.subs.insert(id.clone(), filter);
+                self.subs.insert(id.clone(), Arc::new(filter));
                 self.publish_filters();
                 tracing::debug!(session_id = %self.conn.session_id, subscription_id = %id, "subscribed");
-                self.reply(socket, ServerMessage::Subscribed { subscription_id: id, filters: effective }).await
+                self.send(socket, ServerMessage::Subscribed { subscription_id: id, filters: effective }).await
             }
             ClientMessage::Unsubscribe(u) => {
                 let id = u.subscription_id;
@@ -415,44 +446,67 @@ impl Session {
                     return self.client_error(socket, e).await;
                 }
                 self.publish_filters();
-                self.reply(socket, ServerMessage::Unsubscribed { subscription_id: id }).await
+                // Anything queued from now on was matched against the new set; what is already
+                // queued is re-checked before it is written.
+                if let Some(last) = self.conn.outbox.last_queued() {
+                    self.recheck_until = Some(self.recheck_until.map_or(last, |r| r.max(last)));
+                }
+                self.send(socket, ServerMessage::Unsubscribed { subscription_id: id }).await
             }
             ClientMessage::Ping(p) => {
                 let timestamp = p.timestamp.unwrap_or_else(crate::time::rfc3339_now);
-                self.reply(socket, ServerMessage::Pong { timestamp }).await
+                self.send(socket, ServerMessage::Pong { timestamp }).await
             }
-            ClientMessage::Ack(a) => {
-                if let Err(e) = a.message_id.parse::<MessageId>() {
-                    return self.client_error(socket, err(ErrorCode::InvalidMessage, e.to_string(), None)).await;
-                }
-                None
-            }
-            ClientMessage::Refresh(r) => match self.ctx.auth.verify(&r.token) {
-                Err(e) => {
-                    let e = err(ErrorCode::TokenInvalid, format!("refresh refused: {}", e.code()), None);
-                    self.client_error(socket, e).await
-                }
-                Ok(p) if p.tenant != self.ctx.principal.tenant || p.subject != self.ctx.principal.subject => {
-                    tracing::warn!(session_id = %self.conn.session_id, "refresh for another tenant or subject");
-                    let e = err(ErrorCode::TokenInvalid, "refresh token is for another tenant or subject".into(), None);
-                    match self.client_error(socket, e).await {
-                        Some(end) => Some(end),
-                        None => Some(End::Close(CloseReason::RefreshMismatch, None)),
-                    }
-                }
-                Ok(p) => {
-                    self.expiry = deadline_for(p.expires_at);
-                    let expires_at = crate::time::rfc3339_from_unix(p.expires_at);
-                    self.ctx.principal = p;
-                    self.reply(socket, ServerMessage::Refreshed { expires_at }).await
-                }
+            ClientMessage::Ack(a) => match a.message_id.parse::<MessageId>() {
+                Ok(_) => Ok(()),
+                Err(e) => self.client_error(socket, err(ErrorCode::InvalidMessage, e.to_string(), None)).await,
             },
+            ClientMessage::Refresh(r) => self.refresh(socket, &r.token).await,
+        }
+    }
+
+    async fn refresh(&mut self, socket: &mut WebSocket, token: &str) -> Result<(), End> {
+        let current = &self.ctx.principal;
+        match self.ctx.auth.verify(token) {
+            Err(e) => {
+                let e = ProtocolError {
+                    code: ErrorCode::TokenInvalid,
+                    message: format!("refresh refused: {}", e.code()),
+                    subscription_id: None,
+                };
+                self.client_error(socket, e).await
+            }
+            Ok(p) if p.tenant != current.tenant || p.subject != current.subject => {
+                tracing::warn!(session_id = %self.conn.session_id, "refresh for another tenant or subject");
+                let e = ProtocolError {
+                    code: ErrorCode::TokenInvalid,
+                    message: "refresh token is for another tenant or subject".into(),
+                    subscription_id: None,
+                };
+                self.client_error(socket, e).await?;
+                Err(End::Close(CloseReason::RefreshMismatch))
+            }
+            Ok(mut p) => {
+                // A refresh extends; a token expiring earlier than the current one changes nothing.
+                p.expires_at = p.expires_at.max(current.expires_at);
+                self.expiry = deadline_for(p.expires_at, self.ctx.settings.leeway);
+                let expires_at = crate::time::rfc3339_from_unix(p.expires_at);
+                tracing::info!(session_id = %self.conn.session_id, token_id = %p.token_id, "token refreshed");
+                self.ctx.principal = p;
+                self.send(socket, ServerMessage::Refreshed { expires_at }).await
+            }
         }
     }
 
     /// The closing handshake: `lagged` if events were lost, `closing`, the close frame, then wait
     /// (bounded) for the client's close so nothing in flight is cut off by a reset.
-    async fn close(&mut self, socket: &mut WebSocket, reason: CloseReason, lagged: Option<(u64, MessageId)>) {
+    async fn close(&mut self, socket: &mut WebSocket, reason: CloseReason) {
+        // Stops further queueing (and discards what a cutting close leaves behind), so the lagged
+        // notice below covers every event this connection lost.
+        let discarded = self.conn.outbox.request_close(reason);
+        self.ctx.metrics.events_dropped.inc_by(discarded);
+        let mut nothing = Vec::new();
+        let lagged = self.conn.outbox.drain(&mut nothing, 0).lagged;
         let code = reason.close_code().code();
         tracing::info!(session_id = %self.conn.session_id, reason = reason.as_str(), code, "closing session");
         let metrics = Arc::clone(&self.ctx.metrics);
@@ -475,7 +529,7 @@ impl Session {
             if reason == CloseReason::HeartbeatTimeout {
                 return Ok(());
             }
-            while let Some(Ok(m)) = futures_util::StreamExt::next(socket).await {
+            while let Some(Ok(m)) = socket.next().await {
                 if matches!(m, Message::Close(_)) {
                     break;
                 }

@@ -184,3 +184,21 @@ fn the_binary_drains_and_exits_0_on_sigterm() {
     assert_eq!(status.code(), Some(0));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_delivers_or_reports_every_accepted_event() {
+    let server = TestServer::default().await;
+    let mut c = Client::as_user(&server, "acme", "a").await;
+    c.subscribe("all", json!({})).await;
+    let events: Vec<Value> = (0..200).map(|i| json!({"event_type": "alert_received", "n": i})).collect();
+    let ids = server.publish("acme", &Value::Array(events)).await;
+    let shutdown = tokio::spawn(server.shutdown());
+    let (seen, code, _) = c.read_until_close().await;
+    assert_eq!(code, 1001);
+    let delivered: Vec<&str> =
+        seen.iter().filter(|m| m["type"] == "event").filter_map(|m| m["message_id"].as_str()).collect();
+    let lost: u64 = seen.iter().filter(|m| m["type"] == "lagged").filter_map(|m| m["dropped"].as_u64()).sum();
+    assert_eq!(delivered.len() as u64 + lost, ids.len() as u64, "every accepted event is delivered or reported");
+    assert_eq!(delivered, ids[..delivered.len()].iter().map(String::as_str).collect::<Vec<_>>(), "in order, no gaps");
+    tokio::time::timeout(Duration::from_secs(10), shutdown).await.expect("in time").expect("task");
+}

@@ -136,6 +136,13 @@ async fn flooding_gets_rate_limited_then_closed_4029() {
     assert_eq!(reason, "rate_limited");
     assert_eq!(seen.last().expect("closing"), &json!({"type": "closing", "reason": "rate_limited"}));
     assert!(seen.iter().filter(|m| m["type"] == "error").all(|m| m["code"] == "rate_limited"));
+    // Binary frames count against the same limit.
+    let mut b = Client::as_user(&server, "acme", "binary-flood").await;
+    for _ in 0..20 {
+        b.ws.send(Message::Binary(vec![0u8; 8].into())).await.expect("send");
+    }
+    let (_, code, _) = b.read_until_close().await;
+    assert_eq!(code, 4029);
     // Another connection is unaffected.
     calm.assert_alive().await;
     assert!(server.metrics().await.get("rate_limited_total{scope=\"message\"}") >= 10.0);
@@ -214,6 +221,11 @@ async fn token_expiry_closes_4001_and_refresh_extends() {
     c.expect_silence(Duration::from_secs(3)).await;
     c.assert_alive().await;
 
+    // A refresh never shortens the session.
+    c.send(json!({"type": "refresh", "token": token("acme", "alice", &[], 1)})).await;
+    let r2 = c.recv().await;
+    assert_eq!(r2["expires_at"], r["expires_at"], "{r2}");
+    c.expect_silence(Duration::from_secs(2)).await;
     // A refresh with an invalid token is refused; the session continues.
     c.send(json!({"type": "refresh", "token": "garbage"})).await;
     expect_error(&mut c, "token_invalid").await;
@@ -289,5 +301,47 @@ async fn upgrades_without_a_valid_token_are_refused_before_any_session() {
     let r = http(server.addr, "GET", "/ws", &[("authorization", &format!("Bearer {t}"))], None).await;
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["code"], "not_a_websocket_upgrade");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_but_never_reads_is_cut_off_by_the_write_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let mut cfg = config();
+    cfg.websocket.write_timeout_secs = 1;
+    cfg.websocket.messages_per_second = 1000;
+    cfg.websocket.message_burst = 1000;
+    let server = TestServer::start(cfg).await;
+    let t = token("acme", "hog", &[], 300);
+    let mut s = tokio::net::TcpStream::connect(server.addr).await.expect("connect");
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-version: 13\r\n\
+         sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nauthorization: Bearer {t}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.expect("handshake");
+    // Masked text frames: pings whose 60 KB timestamps come back as pongs nobody reads.
+    let payload = json!({"type": "ping", "timestamp": "x".repeat(60_000)}).to_string().into_bytes();
+    let mut frame = vec![0x81u8, 0xFF];
+    frame.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0, 0]); // mask key of zeros: payload unchanged
+    frame.extend_from_slice(&payload);
+    let mut cut_off = false;
+    for _ in 0..2000 {
+        if tokio::time::timeout(Duration::from_secs(2), s.write_all(&frame)).await.map_or(true, |r| r.is_err()) {
+            break;
+        }
+        if server.metrics().await.get("websocket_active_connections") == 0.0 {
+            cut_off = true;
+            break;
+        }
+    }
+    for _ in 0..100 {
+        if cut_off {
+            break;
+        }
+        cut_off = server.metrics().await.get("websocket_active_connections") == 0.0;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(cut_off, "the session outlived a write that could not progress");
     server.shutdown().await;
 }

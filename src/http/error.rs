@@ -18,7 +18,7 @@ pub struct ApiError {
     pub code: &'static str,
     /// Human-readable explanation.
     pub message: String,
-    /// `Retry-After` seconds, for 429 and 503.
+    /// `Retry-After` seconds (503 `overloaded`).
     pub retry_after: Option<u64>,
     /// RFC 6750 challenge, for 401 and 403 on bearer-protected routes.
     pub challenge: Option<String>,

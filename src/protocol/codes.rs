@@ -53,7 +53,7 @@ impl ErrorCode {
 /// WebSocket close codes the server sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CloseCode {
-    /// 1000: normal closure (echo of a client close, idle session). Reconnect when needed.
+    /// 1000: normal closure (an idle session). Reconnect when needed.
     Normal,
     /// 1001: the server is shutting down. Reconnect after `reconnect_after_ms`.
     GoingAway,
