@@ -57,6 +57,8 @@ pub enum ConfigError {
 pub struct Config {
     /// Listener and HTTP limits.
     pub server: ServerConfig,
+    /// TLS termination.
+    pub tls: TlsConfig,
     /// Streaming sessions (the seeds' defaults).
     pub websocket: WebSocketConfig,
     /// Token validation.
@@ -79,6 +81,8 @@ pub struct ServerConfig {
     pub max_frame_bytes: usize,
     /// How long shutdown waits for sessions to drain.
     pub shutdown_grace_secs: u64,
+    /// A client must finish sending its request headers within this time (slowloris guard).
+    pub header_read_timeout_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -87,6 +91,40 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
             max_frame_bytes: 65536,
             shutdown_grace_secs: 10,
+            header_read_timeout_secs: 10,
+        }
+    }
+}
+
+/// `[tls]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Terminate TLS in the server. `false` only behind a TLS-terminating proxy (warns loudly).
+    pub enabled: bool,
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// Dev only: when both files are missing, generate a dev CA and a localhost certificate
+    /// next to `cert`.
+    pub generate: bool,
+    /// A client must complete the TLS handshake within this time.
+    pub handshake_timeout_secs: u64,
+    /// How often certificate and key are checked for changes (reloaded without dropping
+    /// connections).
+    pub reload_interval_secs: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            enabled: true,
+            cert: PathBuf::from("certs/server.crt"),
+            key: PathBuf::from("certs/server.key"),
+            generate: true,
+            handshake_timeout_secs: 10,
+            reload_interval_secs: 10,
         }
     }
 }
@@ -325,6 +363,9 @@ impl Config {
         }
         let w = &self.websocket;
         at_least("server.max_frame_bytes", self.server.max_frame_bytes as u64, 1024)?;
+        at_least("server.header_read_timeout_secs", self.server.header_read_timeout_secs, 1)?;
+        at_least("tls.handshake_timeout_secs", self.tls.handshake_timeout_secs, 1)?;
+        at_least("tls.reload_interval_secs", self.tls.reload_interval_secs, 1)?;
         at_least("websocket.max_pending_messages", w.max_pending_messages as u64, 1)?;
         at_least("websocket.heartbeat_interval_secs", w.heartbeat_interval_secs, 1)?;
         at_least("websocket.session_timeout_secs", w.session_timeout_secs, 1)?;

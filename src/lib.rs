@@ -15,6 +15,7 @@
 //! - `session`: one connection's lifecycle.
 //! - `http`: the axum routes.
 //! - [`server`]: assembling, running, embedding, shutting down.
+//! - [`tls`]: rustls configuration, dev certificates, live certificate reload.
 //! - [`metrics`]: the Prometheus registry.
 //!
 //! See `docs/ARCHITECTURE.md` for the map and the invariants.
@@ -32,6 +33,7 @@ pub mod protocol;
 pub mod server;
 mod session;
 pub mod time;
+pub mod tls;
 
 pub use config::Config;
 pub use server::{Embedded, Running, Server, ServerBuilder, ServerError};

@@ -1,4 +1,5 @@
-//! The `incident-stream` command line: `serve` (the default), `token` (mint a dev token).
+//! The `incident-stream` command line: `serve` (the default), `certs generate`, `token` (mint a
+//! dev token).
 //! Parsing arguments, loading the configuration and wiring signals live here; everything else is
 //! in the library.
 
@@ -25,6 +26,11 @@ struct Cli {
 enum Command {
     /// Run the service (the default).
     Serve,
+    /// Development certificates.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
     /// Mint a token with a configured HS key (for development and the walkthrough).
     Token {
         /// Tenant claim.
@@ -42,6 +48,19 @@ enum Command {
         /// Key id to sign with (default: the first HS key).
         #[arg(long)]
         kid: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Write a dev CA and a server certificate for localhost, 127.0.0.1 and ::1.
+    Generate {
+        /// Directory to write `ca.crt`, `ca.key`, `server.crt`, `server.key` into.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -93,6 +112,18 @@ fn ensure_dev_secrets(config: &Config) -> Result<()> {
     Ok(())
 }
 
+fn ensure_dev_certs(config: &Config) -> Result<()> {
+    let tls = &config.tls;
+    if tls.enabled && tls.generate && !tls.cert.exists() && !tls.key.exists() {
+        let certs = incident_stream::tls::generate_dev_certs(&tls.cert, &tls.key)?;
+        tracing::info!(
+            cert = %certs.server_cert.display(), ca = %certs.ca_cert.display(),
+            "generated dev TLS certificates (missing); clients trust the dev CA"
+        );
+    }
+    Ok(())
+}
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         if let Err(e) = tokio::signal::ctrl_c().await {
@@ -123,17 +154,23 @@ async fn shutdown_signal() {
 async fn serve(config: Config) -> Result<()> {
     init_logging(&config);
     ensure_dev_secrets(&config)?;
+    ensure_dev_certs(&config)?;
+    let ca = config.tls.cert.parent().map(|d| d.join("ca.crt")).unwrap_or_else(|| PathBuf::from("ca.crt"));
     let server = Server::builder().config(config).build()?;
     let running = server.start().await?;
     let addr = running.local_addr();
-    println!("incident-stream is listening on http://{addr}");
+    let (http, ws, cacert) = if running.tls() {
+        ("https", "wss", format!("--cacert {} ", ca.display()))
+    } else {
+        ("http", "ws", String::new())
+    };
+    println!("incident-stream is listening on {http}://{addr}");
     println!("  mint a publisher token:   incident-stream token --tenant acme --sub alice --roles publisher");
-    println!(
-        "  publish:                  curl -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' \\"
-    );
-    println!("                              -d '{{\"event_type\":\"incident_created\",\"severity\":\"P1\"}}' http://{addr}/v1/events");
-    println!("  subscribe (WebSocket):    ws://{addr}/ws with header Authorization: Bearer <token>");
-    println!("  health / metrics:         http://{addr}/health  http://{addr}/metrics");
+    println!("  publish:                  curl {cacert}-H \"Authorization: Bearer $TOKEN\" \\");
+    println!("                              -H 'Content-Type: application/json' \\");
+    println!("                              -d '{{\"event_type\":\"incident_created\",\"severity\":\"P1\"}}' {http}://{addr}/v1/events");
+    println!("  subscribe (WebSocket):    {ws}://{addr}/ws with header Authorization: Bearer <token>");
+    println!("  health / metrics:         {http}://{addr}/health  {http}://{addr}/metrics");
     running.run_until(shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
@@ -178,6 +215,16 @@ fn main() -> Result<()> {
         Command::Serve => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(serve(config))
+        }
+        Command::Certs { command: CertsCommand::Generate { dir, force } } => {
+            let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
+            if !force && (cert.exists() || key.exists() || dir.join("ca.key").exists()) {
+                bail!("{} already holds certificates; pass --force to replace them", dir.display());
+            }
+            let certs = incident_stream::tls::generate_dev_certs(&cert, &key)?;
+            println!("wrote {} (trust this in clients)", certs.ca_cert.display());
+            println!("wrote {} and {}", certs.server_cert.display(), certs.server_key.display());
+            Ok(())
         }
         Command::Token { tenant, sub, roles, ttl, kid } => {
             println!("{}", mint(&config, &tenant, &sub, &roles, &ttl, kid.as_deref())?);

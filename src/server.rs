@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -33,6 +34,9 @@ pub enum ServerError {
     /// A key could not be loaded.
     #[error(transparent)]
     Keys(#[from] KeyError),
+    /// TLS material could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// Metrics could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -129,6 +133,7 @@ impl Embedded {
 /// A running server.
 pub struct Running {
     local_addr: SocketAddr,
+    tls: bool,
     handle: axum_server::Handle<SocketAddr>,
     hub: Arc<Hub>,
     serve: JoinHandle<std::io::Result<()>>,
@@ -154,6 +159,11 @@ impl Running {
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Whether the listener terminates TLS (`wss://`) or is plain (`ws://`).
+    pub fn tls(&self) -> bool {
+        self.tls
     }
 
     /// Graceful shutdown: stop accepting, close every session with `closing` + 1001, wait for
@@ -251,22 +261,55 @@ impl Server {
         Embedded { router: http::router(state), hub, tasks }
     }
 
-    /// Binds the configured address and serves.
+    /// Binds the configured address and serves: TLS by default, plain HTTP only when
+    /// `tls.enabled = false` (behind a TLS-terminating proxy).
     pub async fn start(self) -> Result<Running, ServerError> {
         let addr = self.config.server.listen;
         let io = |source| ServerError::Io { addr, source };
+        let tls_config = &self.config.tls;
+        let tls = if tls_config.enabled {
+            Some(RustlsConfig::from_config(crate::tls::server_config(&tls_config.cert, &tls_config.key)?))
+        } else {
+            tracing::warn!(
+                "TLS is DISABLED (tls.enabled = false): tokens and events cross the network in clear text; \
+                 only run this behind a TLS-terminating proxy"
+            );
+            None
+        };
         let listener = std::net::TcpListener::bind(addr).map_err(io)?;
         listener.set_nonblocking(true).map_err(io)?;
         let local_addr = listener.local_addr().map_err(io)?;
-        let (config, state, tasks) = self.spawn_tasks();
+        let (config, state, mut tasks) = self.spawn_tasks();
         let hub = Arc::clone(&state.hub);
-        let app = http::router(state);
+        let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
         let handle = axum_server::Handle::new();
-        let server = axum_server::from_tcp(listener).map_err(io)?.handle(handle.clone());
-        let serve = tokio::spawn(server.serve(app.into_make_service_with_connect_info::<SocketAddr>()));
-        tracing::info!(addr = %local_addr, "listening (plain HTTP; TLS arrives with the security edge)");
+        let mut server = axum_server::from_tcp(listener).map_err(io)?.handle(handle.clone());
+        server
+            .http_builder()
+            .http1()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(config.server.header_read_timeout_secs));
+        let serve = match tls {
+            Some(rustls) => {
+                let acceptor = RustlsAcceptor::new(rustls.clone())
+                    .handshake_timeout(Duration::from_secs(config.tls.handshake_timeout_secs));
+                tasks.push(tokio::spawn(crate::tls::watch(
+                    rustls,
+                    config.tls.cert.clone(),
+                    config.tls.key.clone(),
+                    Duration::from_secs(config.tls.reload_interval_secs),
+                )));
+                tracing::info!(addr = %local_addr, "listening (TLS)");
+                tokio::spawn(server.acceptor(acceptor).serve(app))
+            }
+            None => {
+                tracing::info!(addr = %local_addr, "listening (plain HTTP)");
+                tokio::spawn(server.serve(app))
+            }
+        };
         Ok(Running {
             local_addr,
+            tls: config.tls.enabled,
             handle,
             hub,
             serve,

@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use axum::routing::get;
 use axum::Router;
-use common::{config, Client, TestServer};
+use common::{plain_config, Client, TestServer};
 use incident_stream::Server;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_mount_into_an_existing_app() {
-    let base = config();
+    let base = plain_config();
     let server = Server::builder()
         .config(base)
         .max_pending_messages(500)
@@ -34,8 +34,8 @@ async fn routes_mount_into_an_existing_app() {
         axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await.expect("serve");
     });
 
-    let host = TestServer::at(addr);
-    let r = common::http(addr, "GET", "/app/hello", &[], None).await;
+    let host = TestServer::at(addr, None);
+    let r = host.http("GET", "/app/hello", &[], None).await;
     assert_eq!((r.status, r.body.as_str()), (200, "hello from the host app"));
     let mut c = Client::as_user(&host, "acme", "alice").await;
     assert_eq!(c.welcome["heartbeat_interval_secs"], 60);
@@ -52,6 +52,6 @@ async fn routes_mount_into_an_existing_app() {
 
 #[test]
 fn builder_validates_like_the_config_file() {
-    let err = Server::builder().config(config()).max_pending_messages(0).build().err().expect("refused");
+    let err = Server::builder().config(plain_config()).max_pending_messages(0).build().err().expect("refused");
     assert!(err.to_string().contains("websocket.max_pending_messages"), "{err}");
 }

@@ -14,8 +14,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Opens a WebSocket by hand and then never reads or writes: a peer that ignores pings.
-async fn mute_client(server: &TestServer, token: &str) -> TcpStream {
-    let mut s = TcpStream::connect(server.addr).await.expect("connect");
+async fn mute_client(server: &TestServer, token: &str) -> Box<dyn common::Io> {
+    let mut s = server.connect_io().await;
     let req = format!(
         "GET /ws HTTP/1.1\r\nhost: {}\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-version: 13\r\n\
          sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nauthorization: Bearer {token}\r\n\r\n",
@@ -136,13 +136,16 @@ fn the_binary_drains_and_exits_0_on_sigterm() {
     let dir = std::env::temp_dir().join(format!("incident-stream-sigterm-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("tmp dir");
     let cfg = dir.join("test.toml");
+    // The real default path: TLS with dev certificates the binary generates itself.
     std::fs::write(
         &cfg,
         format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_secs = 3\n[websocket]\nenable_compression = false\n\
+             [tls]\ncert = \"{dir}/server.crt\"\nkey = \"{dir}/server.key\"\n\
              [[auth.keys]]\nkid = \"{}\"\nalgorithm = \"HS256\"\nsecret = \"{}\"\n",
             common::KID,
-            common::SECRET
+            common::SECRET,
+            dir = dir.display(),
         ),
     )
     .expect("config");
@@ -156,14 +159,16 @@ fn the_binary_drains_and_exits_0_on_sigterm() {
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     let first = lines.next().expect("a line").expect("utf8");
     let addr: std::net::SocketAddr = first
-        .rsplit("http://")
+        .rsplit("https://")
         .next()
         .and_then(|a| a.trim().parse().ok())
         .unwrap_or_else(|| panic!("no address in {first:?}"));
 
+    let ca = dir.join("ca.crt");
+    assert!(ca.exists(), "the binary generated its dev certificates");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
     let result = rt.block_on(async move {
-        let server = TestServer::at(addr);
+        let server = TestServer::at(addr, Some(&ca));
         let mut c = Client::as_user(&server, "acme", "alice").await;
         c.subscribe("all", json!({})).await;
         let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("kill");

@@ -6,11 +6,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{config, http, raw_http, token, Client, TestServer};
+use common::{config, token, Client, TestServer};
 use serde_json::{json, Value};
 
 async fn post(server: &TestServer, tok: &str, body: &Value) -> common::HttpResponse {
-    http(server.addr, "POST", "/v1/events", &[("authorization", &format!("Bearer {tok}"))], Some(body)).await
+    server.http("POST", "/v1/events", &[("authorization", &format!("Bearer {tok}"))], Some(body)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,18 +85,18 @@ async fn bad_bodies_get_400_and_nothing_is_published() {
 
     // Not JSON, wrong media type.
     let auth = format!("Bearer {publisher}");
-    let r = raw_http(
-        server.addr,
-        "POST",
-        "/v1/events",
-        &[("authorization", &auth), ("content-type", "application/json")],
-        b"{nope",
-    )
-    .await;
+    let r = server
+        .raw_http(
+            "POST",
+            "/v1/events",
+            &[("authorization", auth.as_str()), ("content-type", "application/json")],
+            b"{nope",
+        )
+        .await;
     assert_eq!((r.status, r.json()["code"].as_str()), (400, Some("invalid_json")));
-    let r =
-        raw_http(server.addr, "POST", "/v1/events", &[("authorization", &auth), ("content-type", "text/plain")], b"{}")
-            .await;
+    let r = server
+        .raw_http("POST", "/v1/events", &[("authorization", auth.as_str()), ("content-type", "text/plain")], b"{}")
+        .await;
     assert_eq!((r.status, r.json()["code"].as_str()), (415, Some("unsupported_media_type")));
 
     sub.expect_silence(Duration::from_millis(300)).await;
@@ -125,7 +125,7 @@ async fn publishing_needs_a_publisher_token_and_system_may_name_tenants() {
     globex.subscribe("all", json!({})).await;
     let body = json!({"event_type": "system_event"});
 
-    let r = http(server.addr, "POST", "/v1/events", &[], Some(&body)).await;
+    let r = server.http("POST", "/v1/events", &[], Some(&body)).await;
     assert_eq!(r.status, 401);
     assert_eq!(r.json()["code"], "missing");
     assert!(r.header("www-authenticate").is_some_and(|h| h.starts_with("Bearer")));
@@ -151,11 +151,11 @@ async fn publishing_needs_a_publisher_token_and_system_may_name_tenants() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_ready_and_metrics_are_open() {
     let server = TestServer::default().await;
-    let r = http(server.addr, "GET", "/health", &[], None).await;
+    let r = server.http("GET", "/health", &[], None).await;
     assert_eq!((r.status, r.json()), (200, json!({"status": "ok"})));
-    let r = http(server.addr, "GET", "/ready", &[], None).await;
+    let r = server.http("GET", "/ready", &[], None).await;
     assert_eq!((r.status, r.json()), (200, json!({"status": "ready"})));
-    let r = http(server.addr, "GET", "/metrics", &[], None).await;
+    let r = server.http("GET", "/metrics", &[], None).await;
     assert_eq!(r.status, 200);
     assert!(r.header("content-type").is_some_and(|c| c.starts_with("text/plain")));
     assert!(r.body.contains("websocket_active_connections 0"));

@@ -1,9 +1,13 @@
-//! Shared harness of the black-box tests: a real server on 127.0.0.1:0, real signed tokens,
-//! real WebSocket clients and a minimal HTTP/1.1 client. Every wait is bounded.
+//! Shared harness of the black-box tests: a real server on 127.0.0.1:0 speaking TLS with freshly
+//! generated dev certificates (plain only where a test says so), real signed tokens, real
+//! WebSocket clients trusting the dev CA, and a minimal HTTP/1.1 client. Every wait is bounded.
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -11,21 +15,46 @@ use incident_stream::config::{Config, KeyConfig};
 use incident_stream::{Running, Server};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::rustls::{self, pki_types::pem::PemObject, pki_types::CertificateDer, ClientConfig};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
 pub const KID: &str = "test";
 /// Upper bound of any single wait in these tests.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-/// A test configuration: loopback port 0, one HS256 test key, quick timers left at defaults.
+/// A fresh directory with a dev CA and a server certificate for localhost/127.0.0.1/::1.
+pub fn dev_certs() -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "incident-stream-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    incident_stream::tls::generate_dev_certs(&dir.join("server.crt"), &dir.join("server.key")).expect("dev certs");
+    dir
+}
+
+/// A test configuration: TLS with fresh dev certs, loopback port 0, one HS256 test key.
 pub fn config() -> Config {
+    let mut c = plain_config();
+    let dir = dev_certs();
+    c.tls.enabled = true;
+    c.tls.generate = false;
+    c.tls.cert = dir.join("server.crt");
+    c.tls.key = dir.join("server.key");
+    c
+}
+
+/// The same without TLS (`ws://`), for the few tests about the plain listener.
+pub fn plain_config() -> Config {
     let mut c = Config::default();
+    c.tls.enabled = false;
     c.server.listen = "127.0.0.1:0".parse().expect("addr");
     c.server.shutdown_grace_secs = 3;
     c.websocket.enable_compression = false;
@@ -38,21 +67,41 @@ pub fn config() -> Config {
     c
 }
 
+/// A client TLS configuration trusting only the given CA certificate.
+pub fn client_tls(ca: &Path) -> Arc<ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).expect("ca file") {
+        roots.add(cert.expect("ca pem")).expect("ca cert");
+    }
+    let config = ClientConfig::builder_with_provider(incident_stream::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// Client TLS trusting the server's dev CA; `None` for a plain listener.
+    pub tls: Option<Arc<ClientConfig>>,
     running: Option<Running>,
 }
 
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
 impl TestServer {
     pub async fn start(config: Config) -> TestServer {
+        let tls = config.tls.enabled.then(|| client_tls(&config.tls.cert.with_file_name("ca.crt")));
         let server = Server::builder().config(config).build().expect("server builds");
         let running = server.start().await.expect("server starts");
-        TestServer { addr: running.local_addr(), running: Some(running) }
+        TestServer { addr: running.local_addr(), tls, running: Some(running) }
     }
 
-    /// A server started elsewhere (e.g. the binary), known by its address.
-    pub fn at(addr: SocketAddr) -> TestServer {
-        TestServer { addr, running: None }
+    /// A server started elsewhere (e.g. the binary), known by its address and CA (if TLS).
+    pub fn at(addr: SocketAddr, ca: Option<&Path>) -> TestServer {
+        TestServer { addr, tls: ca.map(client_tls), running: None }
     }
 
     pub async fn default() -> TestServer {
@@ -60,7 +109,36 @@ impl TestServer {
     }
 
     pub fn ws_url(&self) -> String {
-        format!("ws://{}/ws", self.addr)
+        let scheme = if self.tls.is_some() { "wss" } else { "ws" };
+        format!("{scheme}://localhost:{}/ws", self.addr.port())
+    }
+
+    /// A raw byte stream to the server: TCP, wrapped in TLS when the server speaks it.
+    pub async fn connect_io(&self) -> Box<dyn Io> {
+        let tcp =
+            tokio::time::timeout(WAIT, TcpStream::connect(self.addr)).await.expect("connect in time").expect("connect");
+        match &self.tls {
+            None => Box::new(tcp),
+            Some(cfg) => {
+                let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+                let tls = tokio_rustls::TlsConnector::from(Arc::clone(cfg)).connect(name, tcp);
+                Box::new(tokio::time::timeout(WAIT, tls).await.expect("TLS in time").expect("TLS handshake"))
+            }
+        }
+    }
+
+    pub async fn http(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&Value>) -> HttpResponse {
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let mut extra: Vec<(&str, &str)> = headers.to_vec();
+        if !body.is_empty() && !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
+            extra.push(("content-type", "application/json"));
+        }
+        self.raw_http(method, path, &extra, body.as_bytes()).await
+    }
+
+    pub async fn raw_http(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> HttpResponse {
+        let io = self.connect_io().await;
+        exchange(io, self.addr, method, path, headers, body).await
     }
 
     pub async fn shutdown(mut self) {
@@ -72,13 +150,13 @@ impl TestServer {
     /// Publishes with a fresh publisher token of `tenant`; asserts 202 and returns the ids.
     pub async fn publish(&self, tenant: &str, body: &Value) -> Vec<String> {
         let t = token(tenant, "publisher-1", &["publisher"], 300);
-        let r = http(self.addr, "POST", "/v1/events", &[("authorization", &format!("Bearer {t}"))], Some(body)).await;
+        let r = self.http("POST", "/v1/events", &[("authorization", &format!("Bearer {t}"))], Some(body)).await;
         assert_eq!(r.status, 202, "publish failed: {}", r.body);
         r.json()["message_ids"].as_array().expect("ids").iter().map(|v| v.as_str().expect("id").to_owned()).collect()
     }
 
     pub async fn metrics(&self) -> Metrics {
-        let r = http(self.addr, "GET", "/metrics", &[], None).await;
+        let r = self.http("GET", "/metrics", &[], None).await;
         assert_eq!(r.status, 200);
         Metrics::parse(&r.body)
     }
@@ -129,23 +207,9 @@ impl HttpResponse {
     }
 }
 
-/// A minimal HTTP/1.1 client (Connection: close), enough for the API under test.
-pub async fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Option<&Value>,
-) -> HttpResponse {
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let mut extra: Vec<(&str, &str)> = headers.to_vec();
-    if !body.is_empty() && !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
-        extra.push(("content-type", "application/json"));
-    }
-    raw_http(addr, method, path, &extra, body.as_bytes()).await
-}
-
-pub async fn raw_http(
+/// A minimal HTTP/1.1 exchange (Connection: close) over any stream, enough for the API under test.
+pub async fn exchange(
+    mut stream: Box<dyn Io>,
     addr: SocketAddr,
     method: &str,
     path: &str,
@@ -158,13 +222,13 @@ pub async fn raw_http(
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
-    let mut stream =
-        tokio::time::timeout(WAIT, TcpStream::connect(addr)).await.expect("connect in time").expect("connect");
     let mut bytes = req.into_bytes();
     bytes.extend_from_slice(body);
     // A server may answer (413) before reading the whole body and close; tolerate a failed write.
     let _ignored = stream.write_all(&bytes).await;
+    let _ignored = stream.flush().await;
     let mut out = Vec::new();
+    // A TLS peer may close without close_notify after the response; what was read still counts.
     let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut out)).await.expect("response in time");
     let text = String::from_utf8_lossy(&out).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no HTTP response: {text:?}"));
@@ -188,8 +252,9 @@ impl Client {
     pub async fn connect(server: &TestServer, token: &str) -> Client {
         let mut req = server.ws_url().into_client_request().expect("request");
         req.headers_mut().insert("authorization", format!("Bearer {token}").parse().expect("header"));
-        let (ws, _) =
-            tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req)).await.expect("in time").expect("upgrade");
+        let connector = server.tls.as_ref().map(|c| Connector::Rustls(Arc::clone(c)));
+        let connect = tokio_tungstenite::connect_async_tls_with_config(req, None, false, connector);
+        let (ws, _) = tokio::time::timeout(WAIT, connect).await.expect("in time").expect("upgrade");
         let mut c = Client { ws, welcome: Value::Null };
         let w = c.recv().await;
         assert_eq!(w["type"], "welcome", "{w}");
