@@ -188,6 +188,10 @@ pub struct AuthConfig {
     pub allow_query_token: bool,
     /// Verification keys.
     pub keys: Vec<KeyConfig>,
+    /// Key sets (JWKS), each bound to one issuer.
+    pub jwks: Vec<JwksConfig>,
+    /// Further mandatory labels from token claims: `label = "claim"` (beside `tenant`).
+    pub claim_labels: BTreeMap<String, String>,
 }
 
 impl Default for AuthConfig {
@@ -205,9 +209,52 @@ impl Default for AuthConfig {
                 generate: true,
                 ..KeyConfig::default()
             }],
+            jwks: Vec::new(),
+            claim_labels: BTreeMap::new(),
         }
     }
 }
+
+/// `[[auth.jwks]]`: a key set from a file or an HTTPS URL, bound to one issuer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwksConfig {
+    /// The issuer whose tokens these keys verify (required; tokens must carry this `iss`).
+    pub issuer: String,
+    /// A JWKS file.
+    pub file: Option<PathBuf>,
+    /// A JWKS URL (https only; never taken from a token).
+    pub url: Option<String>,
+    /// Algorithms the keys of this set may use (RS*, PS*, ES256/384, EdDSA; never HS*).
+    pub algorithms: Vec<String>,
+    /// An unknown `kid` refetches the set at most once per this interval.
+    pub refresh_min_interval_secs: u64,
+    /// Keys older than this are refetched on next use.
+    pub cache_ttl_secs: u64,
+    /// Fetch timeout.
+    pub timeout_secs: u64,
+    /// Largest key set document accepted.
+    pub max_bytes: usize,
+    /// A PEM CA to trust for the URL besides the public roots (private identity providers).
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for JwksConfig {
+    fn default() -> Self {
+        JwksConfig {
+            issuer: String::new(),
+            file: None,
+            url: None,
+            algorithms: Vec::new(),
+            refresh_min_interval_secs: 30,
+            cache_ttl_secs: 300,
+            timeout_secs: 5,
+            max_bytes: 64 * 1024,
+            ca_file: None,
+        }
+    }
+}
+
 
 /// `[[auth.keys]]`: one verification key with its algorithm.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -386,8 +433,17 @@ impl Config {
                 ),
             });
         }
-        if self.auth.keys.is_empty() {
-            return Err(ConfigError::Invalid { key: "auth.keys", message: "at least one key is required".into() });
+        if self.auth.keys.is_empty() && self.auth.jwks.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "auth.keys",
+                message: "at least one key or key set ([[auth.jwks]]) is required".into(),
+            });
+        }
+        if self.auth.claim_labels.contains_key("tenant") {
+            return Err(ConfigError::Invalid {
+                key: "auth.claim_labels",
+                message: "`tenant` is always mandatory and comes from auth.tenant_claim".into(),
+            });
         }
         if self.auth.tenant_claim.is_empty() {
             return Err(ConfigError::Invalid { key: "auth.tenant_claim", message: "must not be empty".into() });

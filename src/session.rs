@@ -62,6 +62,8 @@ pub(crate) struct SessionContext {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) settings: Arc<SessionSettings>,
     pub(crate) principal: Principal,
+    /// Labels every subscription must carry (`tenant` and any mapped claims).
+    pub(crate) mandatory: BTreeMap<String, String>,
     pub(crate) remote: SocketAddr,
 }
 
@@ -129,7 +131,7 @@ pub(crate) async fn run(mut socket: WebSocket, ctx: SessionContext) {
         session_id = %session_id, tenant = %conn.tenant, subject = %conn.subject,
         remote = %conn.remote, token_id = %ctx.principal.token_id, "session opened"
     );
-    let mandatory = BTreeMap::from([("tenant".to_owned(), ctx.principal.tenant.as_str().to_owned())]);
+    let mandatory = ctx.mandatory.clone();
     let quota = Quota::per_second(ctx.settings.messages_per_second).allow_burst(ctx.settings.message_burst);
     let mut s = Session {
         expiry: deadline_for(ctx.principal.expires_at, ctx.settings.leeway),
@@ -467,7 +469,7 @@ impl Session {
 
     async fn refresh(&mut self, socket: &mut WebSocket, token: &str) -> Result<(), End> {
         let current = &self.ctx.principal;
-        match self.ctx.auth.verify(token) {
+        match self.ctx.auth.verify(token).await {
             Err(e) => {
                 let e = ProtocolError {
                     code: ErrorCode::TokenInvalid,

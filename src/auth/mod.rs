@@ -7,16 +7,20 @@
 //! `iss`/`aud` are required when configured, and a key bound to an issuer verifies only that
 //! issuer's tokens. Tokens are never logged or stored: only `jti` or a short hash leave here.
 
+mod jwks;
 pub mod token;
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::config::{AuthConfig, KeyConfig};
+pub use jwks::JwksError;
+use jwks::JwksSource;
 use crate::event::TenantId;
 
 /// Why a token was refused. `code()` is the stable reason sent to the client and counted.
@@ -147,8 +151,12 @@ struct Key {
 
 /// The verification keys and rules; built once from [`AuthConfig`].
 pub struct Authenticator {
-    keys: HashMap<String, Key>,
+    /// Configured keys by (bound issuer, kid); `None` = not bound to an issuer.
+    keys: HashMap<(Option<String>, String), Key>,
+    jwks: Vec<JwksSource>,
     tenant_claim: String,
+    /// label → claim: further mandatory labels taken from the token (beside `tenant`).
+    claim_labels: Vec<(String, String)>,
     allow_query_token: bool,
 }
 
@@ -247,13 +255,24 @@ impl Authenticator {
                 None => validation.validate_aud = false,
             }
             validation.set_required_spec_claims(&required);
-            if keys.insert(k.kid.clone(), Key { decoding, encoding, validation }).is_some() {
+            if keys.insert((k.issuer.clone(), k.kid.clone()), Key { decoding, encoding, validation }).is_some() {
                 return Err(key_err(&k.kid, "duplicate kid"));
             }
         }
+        let jwks = config
+            .jwks
+            .iter()
+            .map(|j| JwksSource::new(j, config.audience.as_deref(), config.leeway_secs))
+            .collect::<Result<Vec<_>, _>>()?;
+        if keys.is_empty() && jwks.is_empty() {
+            return Err(key_err("", "no keys: configure [[auth.keys]] or [[auth.jwks]]"));
+        }
+        let claim_labels = config.claim_labels.iter().map(|(l, c)| (l.clone(), c.clone())).collect();
         Ok(Authenticator {
             keys,
+            jwks,
             tenant_claim: config.tenant_claim.clone(),
+            claim_labels,
             allow_query_token: config.allow_query_token,
         })
     }
@@ -263,32 +282,80 @@ impl Authenticator {
         self.allow_query_token
     }
 
-    /// Verifies a token and builds its principal.
-    pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+    /// Verifies a token and builds its principal. Looks keys up by `kid`: the configured keys
+    /// first, then the key sets of the token's issuer (which may refetch, rate-limited).
+    pub async fn verify(&self, token: &str) -> Result<Principal, AuthError> {
         use jsonwebtoken::errors::ErrorKind as K;
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed("not a JWT"))?;
-        let key = match &header.kid {
-            Some(kid) => self.keys.get(kid).ok_or_else(|| AuthError::UnknownKid(kid.chars().take(64).collect()))?,
-            None if self.keys.len() == 1 => self.keys.values().next().ok_or(AuthError::Malformed("no kid"))?,
+        let jwk;
+        let (decoding, validation) = match &header.kid {
+            Some(kid) => {
+                // The unverified issuer only routes the lookup to its own keys: keys are bound
+                // to (issuer, kid), and the verification below then requires that issuer.
+                let issuer = unverified_issuer(token)?;
+                let bound = issuer.as_ref().and_then(|i| self.keys.get(&(Some(i.clone()), kid.clone())));
+                match bound {
+                    Some(k) => (&k.decoding, &k.validation),
+                    None => match self.jwks_key(issuer.as_deref(), kid).await {
+                        Some(k) => {
+                            jwk = k;
+                            (&jwk.decoding, &jwk.validation)
+                        }
+                        None => match self.keys.get(&(None, kid.clone())) {
+                            Some(k) => (&k.decoding, &k.validation),
+                            None => return Err(AuthError::UnknownKid(kid.chars().take(64).collect())),
+                        },
+                    },
+                }
+            }
+            None if self.keys.len() == 1 && self.jwks.is_empty() => {
+                let k = self.keys.values().next().ok_or(AuthError::Malformed("no kid"))?;
+                (&k.decoding, &k.validation)
+            }
             None => return Err(AuthError::Malformed("token has no kid")),
         };
-        if !key.validation.algorithms.contains(&header.alg) {
+        if !validation.algorithms.contains(&header.alg) {
             return Err(AuthError::AlgorithmNotAllowed);
         }
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key.decoding, &key.validation).map_err(|e| {
-            match e.kind() {
-                K::InvalidSignature => AuthError::BadSignature,
-                K::ExpiredSignature => AuthError::Expired,
-                K::ImmatureSignature => AuthError::NotYetValid,
-                K::InvalidIssuer => AuthError::WrongIssuer,
-                K::InvalidAudience => AuthError::WrongAudience,
-                K::MissingRequiredClaim(c) => AuthError::MissingClaim(c.clone()),
-                K::InvalidClaimFormat(c) => AuthError::InvalidClaim(c.clone()),
-                K::InvalidAlgorithm => AuthError::AlgorithmNotAllowed,
-                _ => AuthError::Malformed("token does not decode"),
-            }
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, decoding, validation).map_err(|e| match e.kind() {
+            K::InvalidSignature => AuthError::BadSignature,
+            K::ExpiredSignature => AuthError::Expired,
+            K::ImmatureSignature => AuthError::NotYetValid,
+            K::InvalidIssuer => AuthError::WrongIssuer,
+            K::InvalidAudience => AuthError::WrongAudience,
+            K::MissingRequiredClaim(c) => AuthError::MissingClaim(c.clone()),
+            K::InvalidClaimFormat(c) => AuthError::InvalidClaim(c.clone()),
+            K::InvalidAlgorithm => AuthError::AlgorithmNotAllowed,
+            _ => AuthError::Malformed("token does not decode"),
         })?;
         self.principal(token, data.claims)
+    }
+
+    /// A key of the key sets bound to `issuer` (which may refetch, rate-limited).
+    async fn jwks_key(&self, issuer: Option<&str>, kid: &str) -> Option<Arc<jwks::JwkKey>> {
+        let issuer = issuer?;
+        for source in self.jwks.iter().filter(|s| s.issuer == issuer) {
+            if let Some(k) = source.key(kid).await {
+                return Some(k);
+            }
+        }
+        None
+    }
+
+    /// The labels every subscription of this principal must carry: `tenant`, plus the
+    /// configured claim mappings. A mapped claim the token lacks refuses the token.
+    pub fn mandatory_labels(&self, p: &Principal) -> Result<std::collections::BTreeMap<String, String>, AuthError> {
+        let mut labels = std::collections::BTreeMap::from([("tenant".to_owned(), p.tenant.as_str().to_owned())]);
+        for (label, claim) in &self.claim_labels {
+            match p.claims.get(claim) {
+                Some(Value::String(v)) if !v.is_empty() && v.len() <= 256 => {
+                    labels.insert(label.clone(), v.clone());
+                }
+                Some(_) => return Err(AuthError::InvalidClaim(claim.clone())),
+                None => return Err(AuthError::MissingClaim(claim.clone())),
+            }
+        }
+        Ok(labels)
     }
 
     fn principal(&self, token: &str, claims: Map<String, Value>) -> Result<Principal, AuthError> {
@@ -327,13 +394,28 @@ impl Authenticator {
 
     /// Signs a token with a configured HS key (dev tokens, tests, the load generator).
     pub fn mint(&self, kid: &str, claims: &Map<String, Value>) -> Result<String, KeyError> {
-        let key = self.keys.get(kid).ok_or_else(|| key_err(kid, "no such key"))?;
+        let key = self
+            .keys
+            .iter()
+            .find(|((_, k), _)| k == kid)
+            .map(|(_, key)| key)
+            .ok_or_else(|| key_err(kid, "no such key"))?;
         let enc = key.encoding.as_ref().ok_or_else(|| key_err(kid, "only HS keys can mint tokens here"))?;
         let alg = key.validation.algorithms.first().copied().unwrap_or(Algorithm::HS256);
         let mut header = Header::new(alg);
         header.kid = Some(kid.to_owned());
         jsonwebtoken::encode(&header, claims, enc).map_err(|e| key_err(kid, format!("cannot sign: {e}")))
     }
+}
+
+/// The `iss` claim of a token before verification: used only to pick which keys to try.
+fn unverified_issuer(token: &str) -> Result<Option<String>, AuthError> {
+    let claims: Map<String, Value> = jsonwebtoken::dangerous::insecure_decode_claims(token)
+        .map_err(|_| AuthError::Malformed("token does not decode"))?;
+    Ok(match claims.get("iss") {
+        Some(Value::String(i)) => Some(i.clone()),
+        _ => None,
+    })
 }
 
 /// First 16 hex digits of the SHA-256 of a token: identifies it in logs without revealing it.

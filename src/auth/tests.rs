@@ -41,10 +41,10 @@ fn good_claims() -> serde_json::Value {
     json!({"sub": "alice", "tenant": "acme", "exp": now() + 300, "roles": ["publisher"], "jti": "t-1"})
 }
 
-#[test]
-fn a_good_token_gives_its_principal() {
+#[tokio::test]
+async fn a_good_token_gives_its_principal() {
     let a = auth(config(vec![hs_key("k1", SECRET, None)]));
-    let p = a.verify(&sign(Algorithm::HS256, Some("k1"), SECRET, good_claims())).expect("valid");
+    let p = a.verify(&sign(Algorithm::HS256, Some("k1"), SECRET, good_claims())).await.expect("valid");
     assert_eq!(p.tenant.as_str(), "acme");
     assert_eq!(p.subject, "alice");
     assert!(p.roles.contains(Roles::PUBLISHER));
@@ -52,20 +52,20 @@ fn a_good_token_gives_its_principal() {
     assert_eq!(p.token_id, "t-1");
 }
 
-#[test]
-fn token_id_falls_back_to_a_short_hash() {
+#[tokio::test]
+async fn token_id_falls_back_to_a_short_hash() {
     let a = auth(config(vec![hs_key("k1", SECRET, None)]));
     let mut c = good_claims();
     c.as_object_mut().expect("obj").remove("jti");
     let t = sign(Algorithm::HS256, Some("k1"), SECRET, c);
-    let p = a.verify(&t).expect("valid");
+    let p = a.verify(&t).await.expect("valid");
     assert_eq!(p.token_id, short_hash(&t));
     assert_eq!(p.token_id.len(), 16);
     assert!(!t.contains(&p.token_id) || p.token_id.len() < t.len());
 }
 
-#[test]
-fn every_refusal_has_its_code() {
+#[tokio::test]
+async fn every_refusal_has_its_code() {
     let mut cfg = config(vec![hs_key("k1", SECRET, None), hs_key("k2", OTHER, Some("https://b.example"))]);
     cfg.issuer = None;
     let a = auth(cfg);
@@ -159,8 +159,8 @@ fn every_refusal_has_its_code() {
             ),
             "invalid_claim",
         ),
-        // k2 is bound to issuer B: a token without iss, or with another iss, is refused.
-        (sign(Algorithm::HS256, Some("k2"), OTHER, c()), "missing_claim"),
+        // k2 is bound to issuer B: a token without iss, or with another iss, never reaches it.
+        (sign(Algorithm::HS256, Some("k2"), OTHER, c()), "unknown_kid"),
         (
             sign(
                 Algorithm::HS256,
@@ -170,11 +170,11 @@ fn every_refusal_has_its_code() {
                     m.insert("iss".into(), json!("https://a.example"));
                 }),
             ),
-            "wrong_issuer",
+            "unknown_kid",
         ),
     ];
     for (token, code) in cases {
-        assert_eq!(a.verify(&token).map(|p| p.subject).map_err(|e| e.code()), Err(code), "{token}");
+        assert_eq!(a.verify(&token).await.map(|p| p.subject).map_err(|e| e.code()), Err(code), "{token}");
     }
     let ok = sign(
         Algorithm::HS256,
@@ -184,17 +184,18 @@ fn every_refusal_has_its_code() {
             m.insert("iss".into(), json!("https://b.example"));
         }),
     );
-    assert!(a.verify(&ok).is_ok());
+    assert!(a.verify(&ok).await.is_ok());
 }
 
-#[test]
-fn issuer_and_audience_are_required_when_configured() {
+#[tokio::test]
+async fn issuer_and_audience_are_required_when_configured() {
     let mut cfg = config(vec![hs_key("k1", SECRET, None)]);
     cfg.issuer = Some("https://id.example".into());
     cfg.audience = Some("incident-stream".into());
     let a = auth(cfg);
     let mk = |iss: Option<&str>, aud: Option<&str>| {
         let mut v = good_claims();
+        let a = &a;
         let m = v.as_object_mut().expect("obj");
         if let Some(i) = iss {
             m.insert("iss".into(), json!(i));
@@ -202,27 +203,28 @@ fn issuer_and_audience_are_required_when_configured() {
         if let Some(x) = aud {
             m.insert("aud".into(), json!(x));
         }
-        a.verify(&sign(Algorithm::HS256, Some("k1"), SECRET, v)).map(|_| ()).map_err(|e| e.code())
+        let token = sign(Algorithm::HS256, Some("k1"), SECRET, v);
+        async move { a.verify(&token).await.map(|_| ()).map_err(|e| e.code()) }
     };
-    assert_eq!(mk(Some("https://id.example"), Some("incident-stream")), Ok(()));
-    assert_eq!(mk(None, Some("incident-stream")), Err("missing_claim"));
-    assert_eq!(mk(Some("https://id.example"), None), Err("missing_claim"));
-    assert_eq!(mk(Some("https://evil.example"), Some("incident-stream")), Err("wrong_issuer"));
-    assert_eq!(mk(Some("https://id.example"), Some("other")), Err("wrong_audience"));
+    assert_eq!(mk(Some("https://id.example"), Some("incident-stream")).await, Ok(()));
+    assert_eq!(mk(None, Some("incident-stream")).await, Err("missing_claim"));
+    assert_eq!(mk(Some("https://id.example"), None).await, Err("missing_claim"));
+    assert_eq!(mk(Some("https://evil.example"), Some("incident-stream")).await, Err("wrong_issuer"));
+    assert_eq!(mk(Some("https://id.example"), Some("other")).await, Err("wrong_audience"));
 }
 
-#[test]
-fn alg_none_is_refused() {
+#[tokio::test]
+async fn alg_none_is_refused() {
     let a = auth(config(vec![hs_key("k1", SECRET, None)]));
     // {"alg":"none","kid":"k1"} . {"sub":"alice","tenant":"acme","exp":9999999999} . (empty)
     let header = "eyJhbGciOiJub25lIiwia2lkIjoiazEifQ";
     let body = "eyJzdWIiOiJhbGljZSIsInRlbmFudCI6ImFjbWUiLCJleHAiOjk5OTk5OTk5OTl9";
-    let err = a.verify(&format!("{header}.{body}.")).expect_err("refused");
+    let err = a.verify(&format!("{header}.{body}.")).await.expect_err("refused");
     assert!(matches!(err, AuthError::Malformed(_) | AuthError::AlgorithmNotAllowed), "{err:?}");
 }
 
-#[test]
-fn bad_key_configs_are_named() {
+#[tokio::test]
+async fn bad_key_configs_are_named() {
     let short =
         KeyConfig { kid: "s".into(), algorithm: "HS256".into(), secret: Some("short".into()), ..KeyConfig::default() };
     let unknown =
@@ -243,10 +245,10 @@ fn bad_key_configs_are_named() {
     assert!(Authenticator::new(&dup, &|_| None).is_err());
 }
 
-#[test]
-fn minted_tokens_verify() {
+#[tokio::test]
+async fn minted_tokens_verify() {
     let a = auth(config(vec![hs_key("k1", SECRET, None)]));
     let claims = good_claims().as_object().cloned().expect("obj");
     let t = a.mint("k1", &claims).expect("mint");
-    assert_eq!(a.verify(&t).expect("valid").subject, "alice");
+    assert_eq!(a.verify(&t).await.expect("valid").subject, "alice");
 }

@@ -22,7 +22,7 @@ pub(crate) async fn require_token(
 ) -> Response {
     let found = token::extract(req.headers(), req.uri(), state.auth.allow_query_token());
     let verified = match found {
-        Ok(Some(t)) => state.auth.verify(&t),
+        Ok(Some(t)) => state.auth.verify(&t).await,
         Ok(None) => Err(AuthError::Missing),
         Err(e) => Err(e),
     };

@@ -40,12 +40,21 @@ pub(crate) async fn upgrade(
             return ApiError::new(StatusCode::BAD_REQUEST, "not_a_websocket_upgrade", e.body_text()).into_response()
         }
     };
+    let mandatory = match state.auth.mandatory_labels(&principal) {
+        Ok(m) => m,
+        Err(e) => {
+            state.metrics.auth_failures.with_label_values(&[e.code()]).inc();
+            tracing::warn!(remote = %remote, reason = e.code(), detail = %e, "authentication refused");
+            return ApiError::from(&e).into_response();
+        }
+    };
     let ctx = SessionContext {
         hub: Arc::clone(&state.hub),
         auth: Arc::clone(&state.auth),
         metrics: Arc::clone(&state.metrics),
         settings: Arc::clone(&state.sessions),
         principal,
+        mandatory,
         remote,
     };
     upgrade

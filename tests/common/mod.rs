@@ -3,6 +3,8 @@
 //! WebSocket clients trusting the dev CA, and a minimal HTTP/1.1 client. Every wait is bounded.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod keys;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
