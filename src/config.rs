@@ -255,7 +255,6 @@ impl Default for JwksConfig {
     }
 }
 
-
 /// `[[auth.keys]]`: one verification key with its algorithm.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

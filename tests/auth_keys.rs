@@ -67,13 +67,23 @@ async fn every_algorithm_is_accepted_with_its_own_key_only() {
     }
     // A key verifies only its own algorithm: an RSA key with RS256 refuses a PS256 token.
     let rs256 = &keys[0];
-    assert_eq!(refused(&server, &rs256.sign_as(Algorithm::PS256, &claims("acme", "a", None))).await, (401, "algorithm_not_allowed".into()));
-    assert_eq!(refused(&server, &rs256.sign_as(Algorithm::RS512, &claims("acme", "a", None))).await, (401, "algorithm_not_allowed".into()));
+    assert_eq!(
+        refused(&server, &rs256.sign_as(Algorithm::PS256, &claims("acme", "a", None))).await,
+        (401, "algorithm_not_allowed".into())
+    );
+    assert_eq!(
+        refused(&server, &rs256.sign_as(Algorithm::RS512, &claims("acme", "a", None))).await,
+        (401, "algorithm_not_allowed".into())
+    );
     // HS/RS confusion: an HS256 token "signed" with the RSA public key as the secret.
     let mut h = jsonwebtoken::Header::new(Algorithm::HS256);
     h.kid = Some(rs256.kid.clone());
-    let confused = jsonwebtoken::encode(&h, &claims("acme", "a", None), &jsonwebtoken::EncodingKey::from_secret(rs256.public_pem.as_bytes()))
-        .expect("sign");
+    let confused = jsonwebtoken::encode(
+        &h,
+        &claims("acme", "a", None),
+        &jsonwebtoken::EncodingKey::from_secret(rs256.public_pem.as_bytes()),
+    )
+    .expect("sign");
     assert_eq!(refused(&server, &confused).await, (401, "algorithm_not_allowed".into()));
     // A token signed by another key under a known kid.
     let impostor = generate(Algorithm::ES256, "es256");
@@ -146,7 +156,8 @@ async fn jwks_sets_never_supply_symmetric_keys_or_unlisted_algorithms() {
     let rsa = generate(Algorithm::RS256, "rsa");
     let ec = generate(Algorithm::ES256, "ec");
     let jwks = dir.join("mixed.jwks.json");
-    let oct = json!({"kty": "oct", "kid": "oct", "alg": "HS256", "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA"});
+    let oct =
+        json!({"kty": "oct", "kid": "oct", "alg": "HS256", "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA"});
     std::fs::write(&jwks, json!({"keys": [rsa.jwk, ec.jwk, oct]}).to_string()).expect("jwks");
     cfg.auth.jwks.push(JwksConfig {
         issuer: "https://idp.example".into(),
@@ -162,8 +173,12 @@ async fn jwks_sets_never_supply_symmetric_keys_or_unlisted_algorithms() {
     // The oct key was never taken: an HS256 token under its kid is refused.
     let mut h = jsonwebtoken::Header::new(Algorithm::HS256);
     h.kid = Some("oct".into());
-    let hs = jsonwebtoken::encode(&h, &claims("acme", "u", iss), &jsonwebtoken::EncodingKey::from_secret(b"secret-secret-secret-secret-secret"))
-        .expect("sign");
+    let hs = jsonwebtoken::encode(
+        &h,
+        &claims("acme", "u", iss),
+        &jsonwebtoken::EncodingKey::from_secret(b"secret-secret-secret-secret-secret"),
+    )
+    .expect("sign");
     assert_eq!(refused(&server, &hs).await, (401, "unknown_kid".into()));
     server.shutdown().await;
 }

@@ -111,8 +111,8 @@ fn client_tls(ca_file: Option<&PathBuf>, issuer: &str) -> Result<Arc<ClientConfi
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(ca) = ca_file {
-        let certs = CertificateDer::pem_file_iter(ca)
-            .map_err(|e| key_err(issuer, format!("ca_file {}: {e}", ca.display())))?;
+        let certs =
+            CertificateDer::pem_file_iter(ca).map_err(|e| key_err(issuer, format!("ca_file {}: {e}", ca.display())))?;
         for c in certs {
             let c = c.map_err(|e| key_err(issuer, format!("ca_file {}: {e}", ca.display())))?;
             roots.add(c).map_err(|e| key_err(issuer, format!("ca_file {}: {e}", ca.display())))?;
@@ -127,7 +127,12 @@ fn client_tls(ca_file: Option<&PathBuf>, issuer: &str) -> Result<Arc<ClientConfi
 }
 
 /// GETs an HTTPS URL: no redirects, at most `max_bytes` of body, within `timeout`.
-async fn fetch_https(url: &str, tls: Arc<ClientConfig>, timeout: Duration, max_bytes: usize) -> Result<Vec<u8>, String> {
+async fn fetch_https(
+    url: &str,
+    tls: Arc<ClientConfig>,
+    timeout: Duration,
+    max_bytes: usize,
+) -> Result<Vec<u8>, String> {
     let uri: axum::http::Uri = url.parse().map_err(|e| format!("bad URL: {e}"))?;
     if uri.scheme_str() != Some("https") {
         return Err("only https URLs are fetched".into());
@@ -286,7 +291,9 @@ impl JwksSource {
 
     async fn load(&self) -> Result<HashMap<String, Arc<JwkKey>>, JwksError> {
         let bytes = match &self.origin {
-            Origin::File(path) => tokio::fs::read(path).await.map_err(|e| JwksError::File(format!("{}: {e}", path.display())))?,
+            Origin::File(path) => {
+                tokio::fs::read(path).await.map_err(|e| JwksError::File(format!("{}: {e}", path.display())))?
+            }
             Origin::Url { url, tls } => fetch_https(url, Arc::clone(tls), self.timeout, self.max_bytes)
                 .await
                 .map_err(|message| JwksError::Fetch { url: url.clone(), message })?,

@@ -19,9 +19,9 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::config::{AuthConfig, KeyConfig};
+use crate::event::TenantId;
 pub use jwks::JwksError;
 use jwks::JwksSource;
-use crate::event::TenantId;
 
 /// Why a token was refused. `code()` is the stable reason sent to the client and counted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -317,17 +317,18 @@ impl Authenticator {
         if !validation.algorithms.contains(&header.alg) {
             return Err(AuthError::AlgorithmNotAllowed);
         }
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, decoding, validation).map_err(|e| match e.kind() {
-            K::InvalidSignature => AuthError::BadSignature,
-            K::ExpiredSignature => AuthError::Expired,
-            K::ImmatureSignature => AuthError::NotYetValid,
-            K::InvalidIssuer => AuthError::WrongIssuer,
-            K::InvalidAudience => AuthError::WrongAudience,
-            K::MissingRequiredClaim(c) => AuthError::MissingClaim(c.clone()),
-            K::InvalidClaimFormat(c) => AuthError::InvalidClaim(c.clone()),
-            K::InvalidAlgorithm => AuthError::AlgorithmNotAllowed,
-            _ => AuthError::Malformed("token does not decode"),
-        })?;
+        let data =
+            jsonwebtoken::decode::<Map<String, Value>>(token, decoding, validation).map_err(|e| match e.kind() {
+                K::InvalidSignature => AuthError::BadSignature,
+                K::ExpiredSignature => AuthError::Expired,
+                K::ImmatureSignature => AuthError::NotYetValid,
+                K::InvalidIssuer => AuthError::WrongIssuer,
+                K::InvalidAudience => AuthError::WrongAudience,
+                K::MissingRequiredClaim(c) => AuthError::MissingClaim(c.clone()),
+                K::InvalidClaimFormat(c) => AuthError::InvalidClaim(c.clone()),
+                K::InvalidAlgorithm => AuthError::AlgorithmNotAllowed,
+                _ => AuthError::Malformed("token does not decode"),
+            })?;
         self.principal(token, data.claims)
     }
 

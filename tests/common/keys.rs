@@ -50,7 +50,8 @@ pub fn generate(alg: Algorithm, kid: &str) -> TestKey {
             json!({"kty": "EC", "crv": crv, "x": b64url(&raw[1..1 + n]), "y": b64url(&raw[1 + n..])})
         }
         EdDSA => json!({"kty": "OKP", "crv": "Ed25519", "x": b64url(raw)}),
-        _ => serde_json::to_value(jsonwebtoken::jwk::Jwk::from_encoding_key(&encoding, alg).expect("rsa jwk")).expect("json"),
+        _ => serde_json::to_value(jsonwebtoken::jwk::Jwk::from_encoding_key(&encoding, alg).expect("rsa jwk"))
+            .expect("json"),
     };
     jwk["kid"] = json!(kid);
     jwk["alg"] = json!(format!("{alg:?}"));
