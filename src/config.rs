@@ -69,6 +69,16 @@ pub struct Config {
     pub bus: BusConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The `/metrics` endpoint.
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Require a bearer token with role `metrics` on `/metrics` (open by default).
+    pub require_token: bool,
 }
 
 /// `[server]`

@@ -227,6 +227,7 @@ impl Server {
             metrics,
             sessions,
             publish: config.publish.clone(),
+            metrics_require_token: config.metrics.require_token,
             max_frame_bytes: config.server.max_frame_bytes,
         });
         Ok(Server { config, state, bus_rx })

@@ -478,11 +478,15 @@ impl Session {
                 };
                 self.client_error(socket, e).await
             }
-            Ok(p) if p.tenant != current.tenant || p.subject != current.subject => {
+            Ok(p)
+                if p.tenant != current.tenant
+                    || p.subject != current.subject
+                    || self.ctx.auth.mandatory_labels(&p).ok().as_ref() != Some(&self.mandatory) =>
+            {
                 tracing::warn!(session_id = %self.conn.session_id, "refresh for another tenant or subject");
                 let e = ProtocolError {
                     code: ErrorCode::TokenInvalid,
-                    message: "refresh token is for another tenant or subject".into(),
+                    message: "refresh token is for another tenant, subject or set of mandatory labels".into(),
                     subscription_id: None,
                 };
                 self.client_error(socket, e).await?;

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Client, TestServer};
+use common::{reference_matches as matches, Client, TestServer};
 use serde_json::{json, Value};
 
 const TYPES: [&str; 14] = [
@@ -45,32 +45,6 @@ fn event(i: usize) -> Value {
         e["state"] = json!(STATES[i % 6]);
     }
     e
-}
-
-/// The seed semantics over JSON, independent of the server's matcher.
-fn matches(filter: &Value, ev: &Value) -> bool {
-    let any = |fk: &str, ek: &str| {
-        let wanted: Vec<&Value> =
-            filter.get(fk).and_then(Value::as_array).map(|a| a.iter().collect()).unwrap_or_default();
-        wanted.is_empty() || ev.get(ek).is_some_and(|v| wanted.contains(&v))
-    };
-    let res = {
-        let wanted: Vec<&Value> =
-            filter.get("affected_resources").and_then(Value::as_array).map(|a| a.iter().collect()).unwrap_or_default();
-        wanted.is_empty()
-            || ev["affected_resources"].as_array().is_some_and(|have| have.iter().any(|h| wanted.contains(&h)))
-    };
-    let labels = filter
-        .get("labels")
-        .and_then(Value::as_object)
-        .is_none_or(|m| m.iter().all(|(k, v)| ev["labels"].get(k) == Some(v)));
-    any("event_types", "event_type")
-        && any("severities", "severity")
-        && any("states", "state")
-        && any("sources", "source")
-        && any("incident_ids", "incident_id")
-        && res
-        && labels
 }
 
 struct Sub {

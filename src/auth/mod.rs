@@ -106,7 +106,7 @@ impl Roles {
     pub const ADMIN: Roles = Roles(4);
     /// May read the audit log.
     pub const AUDITOR: Roles = Roles(8);
-    /// May read metrics (reserved for protecting `/metrics`; not required yet).
+    /// May read `/metrics` when `metrics.require_token` is set.
     pub const METRICS: Roles = Roles(16);
 
     fn from_name(name: &str) -> Roles {

@@ -32,21 +32,24 @@ pub(crate) struct AppState {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) sessions: Arc<SessionSettings>,
     pub(crate) publish: PublishConfig,
+    /// `/metrics` needs a token with role `metrics`.
+    pub(crate) metrics_require_token: bool,
     pub(crate) max_frame_bytes: usize,
 }
 
 /// Builds the router over the shared state.
 pub(crate) fn router(state: Arc<AppState>) -> Router {
-    let authenticated = Router::new()
-        .route("/ws", get(ws::upgrade))
-        .route("/v1/events", post(publish::publish))
-        .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state), authn::require_token));
-    Router::new()
-        .merge(authenticated)
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
-        .with_state(state)
+    let authn = || axum::middleware::from_fn_with_state(Arc::clone(&state), authn::require_token);
+    let mut authenticated =
+        Router::new().route("/ws", get(ws::upgrade)).route("/v1/events", post(publish::publish)).route_layer(authn());
+    let mut open = Router::new().route("/health", get(health)).route("/ready", get(ready));
+    if state.metrics_require_token {
+        authenticated =
+            authenticated.merge(Router::new().route("/metrics", get(protected_metrics)).route_layer(authn()));
+    } else {
+        open = open.route("/metrics", get(metrics));
+    }
+    Router::new().merge(authenticated).merge(open).with_state(state)
 }
 
 async fn health() -> Json<serde_json::Value> {
@@ -59,6 +62,16 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": "not_ready"}))).into_response()
     }
+}
+
+async fn protected_metrics(
+    state: State<Arc<AppState>>,
+    axum::Extension(principal): axum::Extension<crate::auth::Principal>,
+) -> Response {
+    if !principal.roles.contains(crate::auth::Roles::METRICS) {
+        return error::ApiError::insufficient_role("metrics").into_response();
+    }
+    metrics(state).await
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {

@@ -34,18 +34,18 @@ pub(crate) async fn upgrade(
     Extension(principal): Extension<Principal>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    let upgrade = match upgrade {
-        Ok(u) => u,
-        Err(e) => {
-            return ApiError::new(StatusCode::BAD_REQUEST, "not_a_websocket_upgrade", e.body_text()).into_response()
-        }
-    };
     let mandatory = match state.auth.mandatory_labels(&principal) {
         Ok(m) => m,
         Err(e) => {
             state.metrics.auth_failures.with_label_values(&[e.code()]).inc();
             tracing::warn!(remote = %remote, reason = e.code(), detail = %e, "authentication refused");
             return ApiError::from(&e).into_response();
+        }
+    };
+    let upgrade = match upgrade {
+        Ok(u) => u,
+        Err(e) => {
+            return ApiError::new(StatusCode::BAD_REQUEST, "not_a_websocket_upgrade", e.body_text()).into_response()
         }
     };
     let ctx = SessionContext {

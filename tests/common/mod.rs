@@ -338,3 +338,29 @@ impl Client {
 pub fn close_code(c: CloseCode) -> u16 {
     u16::from(c)
 }
+
+/// The seed semantics over JSON, independent of the server's matcher.
+pub fn reference_matches(filter: &Value, ev: &Value) -> bool {
+    let any = |fk: &str, ek: &str| {
+        let wanted: Vec<&Value> =
+            filter.get(fk).and_then(Value::as_array).map(|a| a.iter().collect()).unwrap_or_default();
+        wanted.is_empty() || ev.get(ek).is_some_and(|v| wanted.contains(&v))
+    };
+    let res = {
+        let wanted: Vec<&Value> =
+            filter.get("affected_resources").and_then(Value::as_array).map(|a| a.iter().collect()).unwrap_or_default();
+        wanted.is_empty()
+            || ev["affected_resources"].as_array().is_some_and(|have| have.iter().any(|h| wanted.contains(&h)))
+    };
+    let labels = filter
+        .get("labels")
+        .and_then(Value::as_object)
+        .is_none_or(|m| m.iter().all(|(k, v)| ev["labels"].get(k) == Some(v)));
+    any("event_types", "event_type")
+        && any("severities", "severity")
+        && any("states", "state")
+        && any("sources", "source")
+        && any("incident_ids", "incident_id")
+        && res
+        && labels
+}
