@@ -65,6 +65,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The publish API.
     pub publish: PublishConfig,
+    /// Tenant policies.
+    pub policies: PoliciesConfig,
     /// The event bus.
     pub bus: BusConfig,
     /// Logging.
@@ -300,6 +302,20 @@ pub struct PublishConfig {
 impl Default for PublishConfig {
     fn default() -> Self {
         PublishConfig { max_batch: 1000, max_body_bytes: 1 << 20 }
+    }
+}
+
+/// `[policies]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoliciesConfig {
+    /// Directory holding `_defaults.toml` and one `<tenant>.toml` per tenant.
+    pub dir: PathBuf,
+}
+
+impl Default for PoliciesConfig {
+    fn default() -> Self {
+        PoliciesConfig { dir: PathBuf::from("policies") }
     }
 }
 

@@ -8,6 +8,7 @@
 //! - [`protocol`]: wire messages, error codes, close codes.
 //! - [`config`]: the typed configuration.
 //! - [`auth`]: token verification into a principal.
+//! - [`policy`]: tenant policy files, parsed and validated as a whole.
 //!
 //! Runtime:
 //! - [`bus`]: where events get ids and their one serialized frame.
@@ -29,6 +30,7 @@ pub mod filter;
 pub mod http;
 pub mod metrics;
 mod outbox;
+pub mod policy;
 pub mod protocol;
 pub mod server;
 mod session;

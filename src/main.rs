@@ -31,6 +31,11 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Tenant policies.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Mint a token with a configured HS key (for development and the walkthrough).
     Token {
         /// Tenant claim.
@@ -61,6 +66,15 @@ enum CertsCommand {
         /// Overwrite existing files.
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy directory exactly as the server loads it; non-zero exit on any error.
+    Check {
+        /// The directory (default: `[policies] dir` of the configuration).
+        dir: Option<PathBuf>,
     },
 }
 
@@ -208,7 +222,17 @@ fn mint(config: &Config, tenant: &str, sub: &str, roles: &str, ttl: &str, kid: O
     Ok(auth.mint(&kid, &claims)?)
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let cli = Cli::parse();
     let config = load_config(cli.config.as_ref())?;
     match cli.command.unwrap_or(Command::Serve) {
@@ -224,6 +248,13 @@ fn main() -> Result<()> {
             let certs = incident_stream::tls::generate_dev_certs(&cert, &key)?;
             println!("wrote {} (trust this in clients)", certs.ca_cert.display());
             println!("wrote {} and {}", certs.server_cert.display(), certs.server_key.display());
+            Ok(())
+        }
+        Command::Policy { command: PolicyCommand::Check { dir } } => {
+            let dir = dir.unwrap_or_else(|| config.policies.dir.clone());
+            let set = incident_stream::policy::PolicySet::load_dir(&dir)?;
+            let tenants: Vec<String> = set.tenants().map(ToString::to_string).collect();
+            println!("{}: ok, {} tenants: {}", dir.display(), tenants.len(), tenants.join(", "));
             Ok(())
         }
         Command::Token { tenant, sub, roles, ttl, kid } => {

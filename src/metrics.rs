@@ -53,7 +53,8 @@ pub const AUTH_FAILURE_REASONS: &[&str] = &[
     "wrong_audience",
     "missing_claim",
     "invalid_claim",
-    "forbidden",
+    "unknown_tenant",
+    "tenant_disabled",
 ];
 
 /// The scopes `rate_limited_total` is labelled with.

@@ -37,6 +37,9 @@ pub enum ServerError {
     /// TLS material could not be loaded.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    /// The tenant policies are invalid.
+    #[error("policies: {0}")]
+    Policy(#[from] crate::policy::PolicyError),
     /// Metrics could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -204,6 +207,7 @@ impl Server {
         config.validate()?;
         let metrics = Arc::new(Metrics::new()?);
         let auth = Arc::new(Authenticator::new(&config.auth, env)?);
+        let policies = Arc::new(crate::policy::PolicySet::load_dir(&config.policies.dir)?);
         let ws = &config.websocket;
         let hub = Arc::new(Hub::new(Arc::clone(&metrics), ws.max_pending_messages));
         let (bus, bus_rx) = LocalBus::new(ws.broadcast_capacity);
@@ -224,6 +228,7 @@ impl Server {
             hub,
             bus: Arc::new(bus),
             auth,
+            policies,
             metrics,
             sessions,
             publish: config.publish.clone(),

@@ -274,10 +274,11 @@ fn query_tokens_never_reach_the_logs() {
         &cfg,
         format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_secs = 2\n[websocket]\nenable_compression = false\n\
-             [tls]\ncert = \"{d}/server.crt\"\nkey = \"{d}/server.key\"\n\
+             [tls]\ncert = \"{d}/server.crt\"\nkey = \"{d}/server.key\"\n[policies]\ndir = \"{policies}\"\n\
              [auth]\nallow_query_token = true\n[[auth.keys]]\nkid = \"{KID}\"\nalgorithm = \"HS256\"\nsecret = \"{SECRET}\"\n\
              [log]\nlevel = \"debug\"\n",
-            d = dir.display()
+            d = dir.display(),
+            policies = common::policies(&[("acme", true)]).display(),
         ),
     )
     .expect("config");
@@ -338,4 +339,43 @@ fn query_tokens_never_reach_the_logs() {
         assert!(!logs.contains(signature), "a token leaked into the logs");
     }
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_disabled_tenants_are_refused_with_403() {
+    let mut cfg = config();
+    cfg.policies.dir = common::policies(&[("acme", true), ("ops", true), ("globex", false)]);
+    let server = TestServer::start(cfg).await;
+    for (tenant, code) in [("globex", "tenant_disabled"), ("initech", "unknown_tenant")] {
+        let r = upgrade(&server, &[("authorization", &format!("Bearer {}", token(tenant, "u", &[], 60)))]).await;
+        assert_eq!((r.status, r.json()["code"].as_str()), (403, Some(code)), "{}", r.body);
+        let publisher = format!("Bearer {}", token(tenant, "p", &["publisher"], 60));
+        let r = server
+            .http("POST", "/v1/events", &[("authorization", &publisher)], Some(&json!({"event_type": "escalated"})))
+            .await;
+        assert_eq!((r.status, r.json()["code"].as_str()), (403, Some(code)), "{}", r.body);
+        // A system publisher cannot publish for them either.
+        let system = format!("Bearer {}", token("ops", "router", &["publisher", "system"], 60));
+        let body =
+            json!([{"event_type": "escalated", "tenant": "acme"}, {"event_type": "escalated", "tenant": tenant}]);
+        let r = server.http("POST", "/v1/events", &[("authorization", &system)], Some(&body)).await;
+        assert_eq!((r.status, r.json()["code"].as_str()), (403, Some(code)), "{}", r.body);
+    }
+    let m = server.metrics().await;
+    assert_eq!(m.get("auth_failures_total{reason=\"tenant_disabled\"}"), 2.0);
+    assert_eq!(m.get("auth_failures_total{reason=\"unknown_tenant\"}"), 2.0);
+    assert_eq!(m.get("websocket_total_connections"), 0.0);
+    assert_eq!(m.get("websocket_events_broadcast_total"), 0.0, "nothing of a refused batch was published");
+    Client::as_user(&server, "acme", "fine").await.assert_alive().await;
+    server.shutdown().await;
+}
+
+#[test]
+fn a_server_with_invalid_policies_does_not_start() {
+    let mut cfg = config();
+    let dir = common::policies(&[("acme", true)]);
+    std::fs::write(dir.join("globex.toml"), "tenant = \"acme\"\n").expect("write");
+    cfg.policies.dir = dir;
+    let err = incident_stream::Server::builder().config(cfg).build().err().expect("refused").to_string();
+    assert!(err.contains("globex.toml") && err.contains("does not match"), "{err}");
 }

@@ -12,6 +12,24 @@ use axum::response::{IntoResponse, Response};
 use super::error::ApiError;
 use super::AppState;
 use crate::auth::{token, AuthError};
+use crate::event::TenantId;
+use crate::policy::Admission;
+use axum::http::StatusCode;
+
+/// The tenant policy's verdict: 403 `unknown_tenant` (no policy file) or `tenant_disabled`.
+pub(crate) fn admit(state: &AppState, tenant: &TenantId) -> Result<(), ApiError> {
+    match state.policies.admit(tenant) {
+        Admission::Allowed => Ok(()),
+        Admission::UnknownTenant => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "unknown_tenant",
+            format!("tenant `{tenant}` has no policy on this service"),
+        )),
+        Admission::Disabled => {
+            Err(ApiError::new(StatusCode::FORBIDDEN, "tenant_disabled", format!("tenant `{tenant}` is disabled")))
+        }
+    }
+}
 
 /// Middleware: authenticate or refuse.
 pub(crate) async fn require_token(
@@ -28,6 +46,14 @@ pub(crate) async fn require_token(
     };
     match verified {
         Ok(principal) => {
+            if let Err(e) = admit(&state, &principal.tenant) {
+                state.metrics.auth_failures.with_label_values(&[e.code]).inc();
+                tracing::warn!(
+                    remote = %remote, tenant = %principal.tenant, subject = %principal.subject,
+                    reason = e.code, "tenant refused"
+                );
+                return e.into_response();
+            }
             req.extensions_mut().insert(principal);
             next.run(req).await
         }

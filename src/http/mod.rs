@@ -29,6 +29,7 @@ pub(crate) struct AppState {
     pub(crate) hub: Arc<Hub>,
     pub(crate) bus: Arc<LocalBus>,
     pub(crate) auth: Arc<Authenticator>,
+    pub(crate) policies: Arc<crate::policy::PolicySet>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) sessions: Arc<SessionSettings>,
     pub(crate) publish: PublishConfig,

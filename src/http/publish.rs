@@ -89,6 +89,12 @@ async fn accept(state: &AppState, principal: &Principal, req: Request<Body>) -> 
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // A system publisher may name other tenants: each must be admitted too.
+    for ev in &events {
+        if ev.routing.tenant != principal.tenant {
+            super::authn::admit(state, &ev.routing.tenant)?;
+        }
+    }
     let ids = state.bus.publish(events).map_err(|e| match e {
         BusError::Overloaded { .. } => ApiError {
             retry_after: Some(1),

@@ -53,10 +53,26 @@ pub fn config() -> Config {
     c
 }
 
+/// A fresh policy directory: `_defaults.toml` and one file per `(tenant, enabled)`.
+pub fn policies(tenants: &[(&str, bool)]) -> PathBuf {
+    let dir = dev_certs().join("policies");
+    std::fs::create_dir_all(&dir).expect("policy dir");
+    std::fs::write(dir.join("_defaults.toml"), "enabled = true\n").expect("defaults");
+    for (t, enabled) in tenants {
+        std::fs::write(dir.join(format!("{t}.toml")), format!("tenant = \"{t}\"\nenabled = {enabled}\n"))
+            .expect("policy");
+    }
+    dir
+}
+
+/// The tenants every test configuration knows.
+pub const TENANTS: [&str; 4] = ["acme", "globex", "initech", "ops"];
+
 /// The same without TLS (`ws://`), for the few tests about the plain listener.
 pub fn plain_config() -> Config {
     let mut c = Config::default();
     c.tls.enabled = false;
+    c.policies.dir = policies(&TENANTS.map(|t| (t, true)));
     c.server.listen = "127.0.0.1:0".parse().expect("addr");
     c.server.shutdown_grace_secs = 3;
     c.websocket.enable_compression = false;
