@@ -134,7 +134,7 @@ impl Default for TlsConfig {
             enabled: true,
             cert: PathBuf::from("certs/server.crt"),
             key: PathBuf::from("certs/server.key"),
-            generate: true,
+            generate: false,
             handshake_timeout_secs: 10,
             reload_interval_secs: 10,
         }
@@ -214,13 +214,7 @@ impl Default for AuthConfig {
             audience: None,
             leeway_secs: 30,
             allow_query_token: false,
-            keys: vec![KeyConfig {
-                kid: "dev".to_owned(),
-                algorithm: "HS256".to_owned(),
-                secret_file: Some(PathBuf::from("certs/dev-jwt.secret")),
-                generate: true,
-                ..KeyConfig::default()
-            }],
+            keys: Vec::new(),
             jwks: Vec::new(),
             claim_labels: BTreeMap::new(),
         }
@@ -241,8 +235,11 @@ pub struct JwksConfig {
     pub algorithms: Vec<String>,
     /// An unknown `kid` refetches the set at most once per this interval.
     pub refresh_min_interval_secs: u64,
-    /// Keys older than this are refetched on next use.
+    /// Keys older than this are refetched on next use (served meanwhile, refreshed in the
+    /// background).
     pub cache_ttl_secs: u64,
+    /// Keys not refreshed for this long (the provider unreachable) stop verifying: fail closed.
+    pub max_stale_secs: u64,
     /// Fetch timeout.
     pub timeout_secs: u64,
     /// Largest key set document accepted.
@@ -260,6 +257,7 @@ impl Default for JwksConfig {
             algorithms: Vec::new(),
             refresh_min_interval_secs: 30,
             cache_ttl_secs: 300,
+            max_stale_secs: 86_400,
             timeout_secs: 5,
             max_bytes: 64 * 1024,
             ca_file: None,
@@ -398,13 +396,32 @@ fn apply_env(table: &mut toml::Table, env: &BTreeMap<String, String>) -> Result<
 }
 
 impl Config {
+    /// The embedded development default: [`Config::default`] plus a dev HS256 key whose random
+    /// secret is generated into `certs/dev-jwt.secret`, and dev TLS certificates generated into
+    /// `certs/` when missing. Used only when no configuration file exists; a file starts from
+    /// [`Config::default`], which has no keys and generates nothing, so a production file can
+    /// never inherit the dev key.
+    pub fn dev() -> Config {
+        let mut c = Config::default();
+        c.tls.generate = true;
+        c.auth.keys = vec![KeyConfig {
+            kid: "dev".to_owned(),
+            algorithm: "HS256".to_owned(),
+            secret_file: Some(PathBuf::from("certs/dev-jwt.secret")),
+            generate: true,
+            ..KeyConfig::default()
+        }];
+        c
+    }
+
     /// Loads a configuration: the TOML text (if any) with environment overrides applied, then
     /// validated. `origin` names the text in error messages.
     pub fn from_sources(text: Option<(&str, &Path)>, env: &BTreeMap<String, String>) -> Result<Config, ConfigError> {
         let mut table = match text {
             Some((text, path)) => toml::from_str::<toml::Table>(text)
                 .map_err(|e| ConfigError::Syntax { path: path.to_owned(), message: e.to_string() })?,
-            None => toml::Table::new(),
+            None => toml::Table::try_from(Config::dev())
+                .map_err(|e| ConfigError::Key { key: String::new(), message: e.to_string() })?,
         };
         apply_env(&mut table, env)?;
         let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
@@ -416,7 +433,7 @@ impl Config {
     }
 
     /// Reads `path` (if given and present) and applies `env`. A missing default file means the
-    /// embedded defaults; a missing explicit file is an error.
+    /// embedded development default ([`Config::dev`]); a missing explicit file is an error.
     pub fn load(path: &Path, explicit: bool, env: &BTreeMap<String, String>) -> Result<Config, ConfigError> {
         match std::fs::read_to_string(path) {
             Ok(text) => Config::from_sources(Some((&text, path)), env),
@@ -464,6 +481,29 @@ impl Config {
                 message: "at least one key or key set ([[auth.jwks]]) is required".into(),
             });
         }
+        if !self.auth.jwks.is_empty() && self.auth.audience.is_none() {
+            return Err(ConfigError::Invalid {
+                key: "auth.audience",
+                message: "is required with [[auth.jwks]]: an identity provider also issues tokens for other services"
+                    .into(),
+            });
+        }
+        if self.auth.leeway_secs > 600 {
+            return Err(ConfigError::Invalid { key: "auth.leeway_secs", message: "must be at most 600".into() });
+        }
+        for j in &self.auth.jwks {
+            at_least("auth.jwks.refresh_min_interval_secs", j.refresh_min_interval_secs, 1)?;
+            at_least("auth.jwks.timeout_secs", j.timeout_secs, 1)?;
+            at_least("auth.jwks.max_bytes", j.max_bytes as u64, 256)?;
+            at_least("auth.jwks.cache_ttl_secs", j.cache_ttl_secs, j.refresh_min_interval_secs)?;
+            at_least("auth.jwks.max_stale_secs", j.max_stale_secs, j.cache_ttl_secs)?;
+            if j.timeout_secs > 60 || j.max_bytes > 10 << 20 {
+                return Err(ConfigError::Invalid {
+                    key: "auth.jwks",
+                    message: "timeout_secs must be at most 60 and max_bytes at most 10 MiB".into(),
+                });
+            }
+        }
         if self.auth.claim_labels.contains_key("tenant") {
             return Err(ConfigError::Invalid {
                 key: "auth.claim_labels",
@@ -491,8 +531,13 @@ mod tests {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
-    fn load(text: &str, e: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    fn load_raw(text: &str, e: &[(&str, &str)]) -> Result<Config, ConfigError> {
         Config::from_sources(Some((text, Path::new("test.toml"))), &env(e))
+    }
+
+    /// A file with the test's text plus one key (a configuration without keys is refused).
+    fn load(text: &str, e: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        load_raw(&format!("{text}\n[[auth.keys]]\nkid = \"k\"\nalgorithm = \"HS256\"\nsecret_env = \"K\"\n"), e)
     }
 
     #[test]
@@ -511,7 +556,20 @@ mod tests {
     #[test]
     fn shipped_config_file_equals_the_embedded_default() {
         let text = include_str!("../incident-stream.toml");
-        assert_eq!(load(text, &[]).expect("shipped config loads"), Config::default());
+        assert_eq!(load_raw(text, &[]).expect("shipped config loads"), Config::dev());
+        let embedded = Config::from_sources(None, &BTreeMap::new()).expect("embedded default");
+        assert_eq!(embedded, Config::dev());
+    }
+
+    #[test]
+    fn a_config_file_never_inherits_the_dev_key_or_dev_certificates() {
+        // A production file that forgets its keys is refused, instead of trusting the dev key.
+        let err = load_raw("[server]\nlisten = \"127.0.0.1:8443\"\n", &[]).expect_err("no keys").to_string();
+        assert!(err.contains("auth.keys"), "{err}");
+        let c = load("", &[]).expect("ok");
+        assert_eq!(c.auth.keys.len(), 1);
+        assert!(!c.tls.generate, "dev certificates are generated only by the embedded default");
+        assert!(Config::dev().tls.generate && Config::dev().auth.keys[0].generate);
     }
 
     #[test]
@@ -548,6 +606,8 @@ mod tests {
             ("[log]\nformat = \"xml\"\n", &[], "log.format"),
             ("[bus]\nkind = \"kafka\"\n", &[], "bus.kind"),
             ("[publish]\nmax_batch = 20000\n", &[], "publish.max_batch"),
+            ("[auth]\nleeway_secs = 100000\n", &[], "auth.leeway_secs"),
+            ("[[auth.jwks]]\nissuer = \"i\"\nfile = \"f\"\nalgorithms = [\"ES256\"]\n", &[], "auth.audience"),
         ];
         for (text, e, key) in cases {
             let err = load(text, e).expect_err("must fail").to_string();

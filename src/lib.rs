@@ -17,6 +17,7 @@
 //! - `http`: the axum routes.
 //! - [`server`]: assembling, running, embedding, shutting down.
 //! - [`tls`]: rustls configuration, dev certificates, live certificate reload.
+//! - [`listener`]: the first-byte deadline on accepted connections.
 //! - [`metrics`]: the Prometheus registry.
 //!
 //! See `docs/ARCHITECTURE.md` for the map and the invariants.
@@ -28,6 +29,7 @@ pub mod event;
 mod fanout;
 pub mod filter;
 pub mod http;
+pub mod listener;
 pub mod metrics;
 mod outbox;
 pub mod policy;

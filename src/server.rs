@@ -10,7 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum_server::accept::DefaultAcceptor;
 use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
+
+use crate::listener::FirstByteTimeout;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -295,10 +298,14 @@ impl Server {
             .http1()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(Duration::from_secs(config.server.header_read_timeout_secs));
+        let first_byte = Duration::from_secs(config.server.header_read_timeout_secs);
         let serve = match tls {
             Some(rustls) => {
-                let acceptor = RustlsAcceptor::new(rustls.clone())
-                    .handshake_timeout(Duration::from_secs(config.tls.handshake_timeout_secs));
+                let acceptor = FirstByteTimeout::new(
+                    RustlsAcceptor::new(rustls.clone())
+                        .handshake_timeout(Duration::from_secs(config.tls.handshake_timeout_secs)),
+                    first_byte,
+                );
                 tasks.push(tokio::spawn(crate::tls::watch(
                     rustls,
                     config.tls.cert.clone(),
@@ -310,7 +317,7 @@ impl Server {
             }
             None => {
                 tracing::info!(addr = %local_addr, "listening (plain HTTP)");
-                tokio::spawn(server.serve(app))
+                tokio::spawn(server.acceptor(FirstByteTimeout::new(DefaultAcceptor::new(), first_byte)).serve(app))
             }
         };
         Ok(Running {

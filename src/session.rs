@@ -59,6 +59,7 @@ pub(crate) struct SessionSettings {
 pub(crate) struct SessionContext {
     pub(crate) hub: Arc<Hub>,
     pub(crate) auth: Arc<Authenticator>,
+    pub(crate) policies: Arc<crate::policy::PolicySet>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) settings: Arc<SessionSettings>,
     pub(crate) principal: Principal,
@@ -481,12 +482,16 @@ impl Session {
             Ok(p)
                 if p.tenant != current.tenant
                     || p.subject != current.subject
+                    || p.claims.get("iss") != current.claims.get("iss")
+                    || self.ctx.policies.admit(&p.tenant) != crate::policy::Admission::Allowed
                     || self.ctx.auth.mandatory_labels(&p).ok().as_ref() != Some(&self.mandatory) =>
             {
                 tracing::warn!(session_id = %self.conn.session_id, "refresh for another tenant or subject");
                 let e = ProtocolError {
                     code: ErrorCode::TokenInvalid,
-                    message: "refresh token is for another tenant, subject or set of mandatory labels".into(),
+                    message: "refresh token is for another issuer, tenant, subject or set of mandatory labels, \
+                              or the tenant is no longer admitted"
+                        .into(),
                     subscription_id: None,
                 };
                 self.client_error(socket, e).await?;

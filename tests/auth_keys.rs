@@ -117,6 +117,7 @@ async fn a_key_of_one_issuer_never_validates_another_issuers_token() {
     let b_only = generate(Algorithm::ES256, "b-only");
     let jwks = dir.join("b.jwks.json");
     std::fs::write(&jwks, json!({"keys": [b.jwk, b_only.jwk]}).to_string()).expect("jwks");
+    cfg.auth.audience = Some(common::keys::AUDIENCE.into());
     cfg.auth.jwks.push(JwksConfig {
         issuer: "https://b.example".into(),
         file: Some(jwks),
@@ -159,6 +160,7 @@ async fn jwks_sets_never_supply_symmetric_keys_or_unlisted_algorithms() {
     let oct =
         json!({"kty": "oct", "kid": "oct", "alg": "HS256", "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA"});
     std::fs::write(&jwks, json!({"keys": [rsa.jwk, ec.jwk, oct]}).to_string()).expect("jwks");
+    cfg.auth.audience = Some(common::keys::AUDIENCE.into());
     cfg.auth.jwks.push(JwksConfig {
         issuer: "https://idp.example".into(),
         file: Some(jwks),

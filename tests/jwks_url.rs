@@ -90,6 +90,7 @@ async fn rotating_keys_are_followed_with_rate_limited_refetches() {
         ..JwksConfig::default()
     };
     let mut cfg = config();
+    cfg.auth.audience = Some(common::keys::AUDIENCE.into());
     cfg.auth.jwks = vec![
         source("https://idp.example", "/jwks.json"),
         source("https://redirecting.example", "/redirect"),
@@ -146,7 +147,7 @@ async fn rotating_keys_are_followed_with_rate_limited_refetches() {
 }
 
 #[test]
-fn jwks_urls_must_be_https() {
+fn jwks_urls_must_be_https_and_need_an_audience() {
     let mut cfg = config();
     cfg.auth.jwks = vec![JwksConfig {
         issuer: "https://idp.example".into(),
@@ -154,6 +155,9 @@ fn jwks_urls_must_be_https() {
         algorithms: vec!["ES256".into()],
         ..JwksConfig::default()
     }];
+    let err = incident_stream::Server::builder().config(cfg.clone()).build().err().expect("refused").to_string();
+    assert!(err.contains("auth.audience"), "{err}");
+    cfg.auth.audience = Some("incident-stream".into());
     let err = incident_stream::Server::builder().config(cfg).build().err().expect("refused").to_string();
     assert!(err.contains("https"), "{err}");
 }

@@ -37,7 +37,9 @@ async fn slow_and_silent_clients_are_cut_off_before_any_session() {
     // 2. Half a TLS handshake: a record header announcing 512 bytes, then only a few of them.
     let mut half = TcpStream::connect(server.addr).await.expect("connect");
     half.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03]).await.expect("write");
-    // 3. A finished TLS handshake, then headers one byte at a time.
+    // 3. A finished TLS handshake, then nothing at all.
+    let mut quiet = server.connect_io().await;
+    // 4. A finished TLS handshake, then headers one byte at a time.
     let mut slow = server.connect_io().await;
     let dripping = async {
         let started = Instant::now();
@@ -52,8 +54,13 @@ async fn slow_and_silent_clients_are_cut_off_before_any_session() {
         }
         closed_within(&mut slow, limit).await
     };
-    let (a, b, c) = tokio::join!(closed_within(&mut silent, limit), closed_within(&mut half, limit), dripping);
-    for (what, took) in [("silent", a), ("half handshake", b), ("dripping headers", c)] {
+    let (a, b, c, d) = tokio::join!(
+        closed_within(&mut silent, limit),
+        closed_within(&mut half, limit),
+        dripping,
+        closed_within(&mut quiet, limit)
+    );
+    for (what, took) in [("silent", a), ("half handshake", b), ("dripping headers", c), ("quiet after TLS", d)] {
         let took = took.unwrap_or_else(|| panic!("{what}: still open after {limit:?}"));
         assert!(took < Duration::from_millis(3500), "{what}: cut off after {took:?}");
     }
@@ -66,14 +73,19 @@ async fn slow_and_silent_clients_are_cut_off_before_any_session() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_silent_client_of_the_plain_listener_is_cut_off_too() {
+async fn silent_clients_of_the_plain_listener_are_cut_off_too() {
     let mut cfg = plain_config();
     cfg.server.header_read_timeout_secs = 1;
     let server = TestServer::start(cfg).await;
+    let mut partial = TcpStream::connect(server.addr).await.expect("connect");
+    partial.write_all(b"GET /health HTTP/1.1\r\nho").await.expect("write");
     let mut silent = TcpStream::connect(server.addr).await.expect("connect");
-    silent.write_all(b"GET /health HTTP/1.1\r\nho").await.expect("write");
-    let took = closed_within(&mut silent, Duration::from_secs(4)).await.expect("cut off");
-    assert!(took < Duration::from_millis(3500), "{took:?}");
+    let limit = Duration::from_secs(4);
+    let (a, b) = tokio::join!(closed_within(&mut partial, limit), closed_within(&mut silent, limit));
+    for (what, took) in [("partial headers", a), ("nothing sent", b)] {
+        let took = took.unwrap_or_else(|| panic!("{what}: still open after {limit:?}"));
+        assert!(took < Duration::from_millis(3500), "{what}: {took:?}");
+    }
     server.shutdown().await;
 }
 

@@ -28,10 +28,10 @@ pub enum JwksError {
     #[error("cannot read {0}")]
     File(String),
     /// The URL could not be fetched.
-    #[error("fetching {url}: {message}")]
+    #[error("fetching the key set of {issuer}: {message}")]
     Fetch {
-        /// The URL.
-        url: String,
+        /// The issuer (the URL is not logged: it may carry credentials).
+        issuer: String,
         /// What failed.
         message: String,
     },
@@ -78,6 +78,7 @@ pub(crate) struct JwksSource {
     base: Validation,
     refresh_min: Duration,
     ttl: Duration,
+    max_stale: Duration,
     timeout: Duration,
     max_bytes: usize,
     cache: RwLock<Cache>,
@@ -148,7 +149,8 @@ async fn fetch_https(
             .await
             .map_err(|e| e.to_string())?;
         let driver = tokio::spawn(conn);
-        let authority = if port == 443 { host.clone() } else { format!("{host}:{port}") };
+        let bracketed = if host.contains(':') { format!("[{host}]") } else { host.clone() };
+        let authority = if port == 443 { bracketed } else { format!("{bracketed}:{port}") };
         let req = axum::http::Request::get(path)
             .header(axum::http::header::HOST, authority)
             .header(axum::http::header::ACCEPT, "application/json")
@@ -225,6 +227,7 @@ impl JwksSource {
             base,
             refresh_min: Duration::from_secs(c.refresh_min_interval_secs),
             ttl: Duration::from_secs(c.cache_ttl_secs),
+            max_stale: Duration::from_secs(c.max_stale_secs),
             timeout: Duration::from_secs(c.timeout_secs),
             max_bytes: c.max_bytes,
             cache: RwLock::new(Cache { keys: HashMap::new(), fetched_at: None }),
@@ -283,10 +286,14 @@ impl JwksSource {
         cache.fetched_at = Some(Instant::now());
     }
 
+    /// The cached key (None once the cache is older than `max_stale`: fail closed) and whether
+    /// the cache is fresh.
     fn cached(&self, kid: &str) -> (Option<Arc<JwkKey>>, bool) {
         let cache = self.cache.read().unwrap_or_else(|p| p.into_inner());
-        let fresh = cache.fetched_at.is_some_and(|t| t.elapsed() < self.ttl);
-        (cache.keys.get(kid).cloned(), fresh)
+        let age = cache.fetched_at.map(|t| t.elapsed());
+        let usable = age.is_some_and(|a| a < self.max_stale);
+        let fresh = age.is_some_and(|a| a < self.ttl);
+        (cache.keys.get(kid).filter(|_| usable).cloned(), fresh)
     }
 
     async fn load(&self) -> Result<HashMap<String, Arc<JwkKey>>, JwksError> {
@@ -296,26 +303,39 @@ impl JwksSource {
             }
             Origin::Url { url, tls } => fetch_https(url, Arc::clone(tls), self.timeout, self.max_bytes)
                 .await
-                .map_err(|message| JwksError::Fetch { url: url.clone(), message })?,
+                .map_err(|message| JwksError::Fetch { issuer: self.issuer.clone(), message })?,
         };
         self.parse(&bytes)
     }
 
-    /// The key for `kid`, refetching the set when the kid is unknown or the cache is stale, at
-    /// most once per `refresh_min_interval_secs`.
-    pub(crate) async fn key(&self, kid: &str) -> Option<Arc<JwkKey>> {
+    /// The key for `kid`. A known key is served at once (a stale cache is refreshed in the
+    /// background); an unknown kid waits for a refetch. Refetches happen at most once per
+    /// `refresh_min_interval_secs`.
+    pub(crate) async fn key(self: &Arc<Self>, kid: &str) -> Option<Arc<JwkKey>> {
         let (hit, fresh) = self.cached(kid);
-        if hit.is_some() && fresh {
-            return hit;
+        if let Some(k) = hit {
+            if !fresh {
+                let me = Arc::clone(self);
+                tokio::spawn(async move {
+                    if let Ok(last) = me.refetch.try_lock() {
+                        me.refetch_locked(last).await;
+                    }
+                });
+            }
+            return Some(k);
         }
-        let mut last = self.refetch.lock().await;
+        let last = self.refetch.lock().await;
         // Someone else may have refetched while this request waited.
-        let (hit2, fresh2) = self.cached(kid);
-        if hit2.is_some() && fresh2 {
-            return hit2;
+        if let (Some(k), _) = self.cached(kid) {
+            return Some(k);
         }
+        self.refetch_locked(last).await;
+        self.cached(kid).0
+    }
+
+    async fn refetch_locked(&self, mut last: tokio::sync::MutexGuard<'_, Option<Instant>>) {
         if last.is_some_and(|t| t.elapsed() < self.refresh_min) {
-            return hit2;
+            return;
         }
         *last = Some(Instant::now());
         match self.load().await {
@@ -325,6 +345,5 @@ impl JwksSource {
             }
             Err(e) => tracing::warn!(issuer = %self.issuer, error = %e, "JWKS refresh failed; keeping cached keys"),
         }
-        self.cached(kid).0
     }
 }

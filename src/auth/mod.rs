@@ -153,7 +153,7 @@ struct Key {
 pub struct Authenticator {
     /// Configured keys by (bound issuer, kid); `None` = not bound to an issuer.
     keys: HashMap<(Option<String>, String), Key>,
-    jwks: Vec<JwksSource>,
+    jwks: Vec<Arc<JwksSource>>,
     tenant_claim: String,
     /// label → claim: further mandatory labels taken from the token (beside `tenant`).
     claim_labels: Vec<(String, String)>,
@@ -262,7 +262,7 @@ impl Authenticator {
         let jwks = config
             .jwks
             .iter()
-            .map(|j| JwksSource::new(j, config.audience.as_deref(), config.leeway_secs))
+            .map(|j| JwksSource::new(j, config.audience.as_deref(), config.leeway_secs).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         if keys.is_empty() && jwks.is_empty() {
             return Err(key_err("", "no keys: configure [[auth.keys]] or [[auth.jwks]]"));

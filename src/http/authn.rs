@@ -60,7 +60,7 @@ pub(crate) async fn require_token(
         Err(e) => {
             state.metrics.auth_failures.with_label_values(&[e.code()]).inc();
             tracing::warn!(
-                remote = %remote, path = %token::redact_uri(req.uri()), reason = e.code(), detail = %e,
+                remote = %remote, path = %token::redact_uri(req.uri()), reason = e.code(), detail = ?e,
                 "authentication refused"
             );
             ApiError::from(&e).into_response()

@@ -38,7 +38,7 @@ pub(crate) async fn upgrade(
         Ok(m) => m,
         Err(e) => {
             state.metrics.auth_failures.with_label_values(&[e.code()]).inc();
-            tracing::warn!(remote = %remote, reason = e.code(), detail = %e, "authentication refused");
+            tracing::warn!(remote = %remote, reason = e.code(), detail = ?e, "authentication refused");
             return ApiError::from(&e).into_response();
         }
     };
@@ -51,6 +51,7 @@ pub(crate) async fn upgrade(
     let ctx = SessionContext {
         hub: Arc::clone(&state.hub),
         auth: Arc::clone(&state.auth),
+        policies: Arc::clone(&state.policies),
         metrics: Arc::clone(&state.metrics),
         settings: Arc::clone(&state.sessions),
         principal,

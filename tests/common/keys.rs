@@ -72,9 +72,12 @@ impl TestKey {
     }
 }
 
+/// The audience test configurations with key sets require.
+pub const AUDIENCE: &str = "incident-stream";
+
 pub fn claims(tenant: &str, sub: &str, iss: Option<&str>) -> Value {
     let now = jsonwebtoken::get_current_timestamp();
-    let mut c = json!({"sub": sub, "tenant": tenant, "exp": now + 300, "iat": now});
+    let mut c = json!({"sub": sub, "tenant": tenant, "aud": AUDIENCE, "exp": now + 300, "iat": now});
     if let Some(i) = iss {
         c["iss"] = json!(i);
     }
