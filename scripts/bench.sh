@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# The standard benchmark scenarios: builds in release, starts the server with a bench config on
+# loopback, runs each scenario RUNS times (default 3) with the load generator, and writes the
+# medians into docs/BENCHMARKS.md (raw JSON lines into target/bench/results.jsonl).
+#
+#   scripts/bench.sh                 # every scenario
+#   scripts/bench.sh fanout-1k idle  # only scenarios whose name starts with these words
+#   RUNS=1 scripts/bench.sh guard    # quick look
+#
+# Only loopback addresses are used; every process started here is stopped by its PID.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-3}
+FILTER=("$@")
+
+cargo build --release --bins --locked
+BIN=target/release/incident-stream
+LOADGEN=target/release/loadgen
+OUT=target/bench
+mkdir -p "$OUT"
+RESULTS="$OUT/results.jsonl"
+: > "$RESULTS"
+WORK=$(mktemp -d)
+SERVER_PID=""
+cleanup() {
+  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then kill -TERM "$SERVER_PID"; wait "$SERVER_PID" || true; fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
+
+# Bench material: dev certs, a signing secret, an ES256 key, policies for acme and t0..t99.
+$BIN certs generate --dir "$WORK/certs" >/dev/null
+SECRET=$(head -c 32 /dev/urandom | xxd -p -c 64)
+$LOADGEN --addr 127.0.0.1:1 --gen-es256-key "$WORK/es256.pem"
+mkdir -p "$WORK/policies"
+echo 'enabled = true' > "$WORK/policies/_defaults.toml"
+for t in acme $(seq -f 't%g' 0 99); do echo "tenant = \"$t\"" > "$WORK/policies/$t.toml"; done
+
+start_server() { # $1 = tls true|false
+  cat > "$WORK/bench.toml" <<EOF
+[server]
+listen = "127.0.0.1:0"
+shutdown_grace_secs = 2
+[tls]
+enabled = $1
+cert = "$WORK/certs/server.crt"
+key = "$WORK/certs/server.key"
+generate = false
+[websocket]
+enable_compression = false
+heartbeat_interval_secs = 30
+[publish]
+max_batch = 1000
+[policies]
+dir = "$WORK/policies"
+[[auth.keys]]
+kid = "bench"
+algorithm = "HS256"
+secret = "$SECRET"
+[[auth.keys]]
+kid = "bench-es256"
+algorithm = "ES256"
+public_key = "$WORK/es256.pem.pub"
+[log]
+level = "warn"
+EOF
+  $BIN --config "$WORK/bench.toml" serve > "$WORK/server.out" 2> "$WORK/server.err" &
+  SERVER_PID=$!
+  for _ in $(seq 100); do
+    ADDR=$(sed -n 's#.*listening on https\?://\([0-9.:]*\).*#\1#p' "$WORK/server.out" | head -1)
+    [ -n "$ADDR" ] && return 0
+    sleep 0.1
+  done
+  echo "server did not start:"; cat "$WORK/server.err"; exit 1
+}
+
+stop_server() {
+  kill -TERM "$SERVER_PID"; wait "$SERVER_PID" || true; SERVER_PID=""
+}
+
+wanted() {
+  [ ${#FILTER[@]} -eq 0 ] && return 0
+  for f in "${FILTER[@]}"; do [[ "$1" == "$f"* ]] && return 0; done
+  return 1
+}
+
+# scenario NAME TLS LOADGEN-ARGS...
+scenario() {
+  local name=$1 tls=$2; shift 2
+  wanted "$name" || return 0
+  for run in $(seq "$RUNS"); do
+    start_server "$tls"
+    local tlsargs=()
+    [ "$tls" = true ] && tlsargs=(--ca "$WORK/certs/ca.crt")
+    echo "== $name (run $run/$RUNS)" >&2
+    $LOADGEN --addr "$ADDR" "${tlsargs[@]}" --server-pid "$SERVER_PID" --name "$name" "$@" 2>/dev/null >> "$RESULTS"
+    stop_server
+  done
+}
+
+HS=(--secret "$SECRET" --kid bench)
+scenario fanout-1k          false "${HS[@]}" --connections 1000  --rate 200 --batch 10 --duration 15
+scenario fanout-10k         false "${HS[@]}" --connections 10000 --rate 50  --batch 5  --duration 15
+scenario fanout-10k-tls     true  "${HS[@]}" --connections 10000 --rate 50  --batch 5  --duration 15
+scenario saturation-1k      false "${HS[@]}" --connections 1000  --rate 0   --batch 50 --in-flight 4 --duration 15
+scenario idle-10k-plain     false "${HS[@]}" --connections 10000 --idle-secs 5
+scenario idle-10k-tls       true  "${HS[@]}" --connections 10000 --idle-secs 5
+scenario handshake-tls-es256 true --es256-key "$WORK/es256.pem" --kid bench-es256 --connections 2000 --idle-secs 1
+scenario isolation-baseline false "${HS[@]}" --connections 100   --rate 200 --batch 10 --duration 15
+scenario isolation-100x100  false "${HS[@]}" --connections 10000 --tenants 100 --publish-tenant t7 --rate 200 --batch 10 --duration 15
+scenario filter-heavy-1k    false "${HS[@]}" --connections 1000  --subs-per-conn 5 --rate 200 --batch 10 --duration 15
+
+python3 scripts/bench_report.py "$RESULTS" docs/BENCHMARKS.md
+echo "wrote docs/BENCHMARKS.md from $RESULTS" >&2

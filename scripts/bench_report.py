@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Turns the load generator's JSON lines into the results section of docs/BENCHMARKS.md.
+
+    scripts/bench_report.py target/bench/results.jsonl docs/BENCHMARKS.md
+
+Medians over the runs of each scenario; the text between the results markers is replaced, the
+rest of the file (analysis, profile) is kept.
+"""
+import datetime
+import json
+import os
+import statistics
+import sys
+
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def median(rows, key, sub=None):
+    vals = []
+    for r in rows:
+        v = r.get(key)
+        if sub is not None and isinstance(v, dict):
+            v = v.get(sub)
+        if isinstance(v, (int, float)):
+            vals.append(float(v))
+    return statistics.median(vals) if vals else None
+
+
+def fmt(v, digits=2):
+    if v is None:
+        return "–"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}f}".rstrip("0").rstrip(".") if "." in f"{v:.{digits}f}" else f"{v}"
+
+
+def machine():
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = "?"
+    try:
+        with open("/proc/meminfo") as f:
+            kib = int(f.readline().split()[1])
+            mem = f"{kib / 1024 / 1024:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    return f"{os.cpu_count()} cores ({model}), {mem} RAM, shared with the load generator"
+
+
+def main(results, doc):
+    groups = {}
+    with open(results) as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("{"):
+                r = json.loads(line)
+                groups.setdefault(r["name"], []).append(r)
+    out = [START, "", f"Measured {datetime.date.today().isoformat()} on {machine()}.",
+           f"Each figure is the median of {max(len(v) for v in groups.values()) if groups else 0} runs "
+           "(`scripts/bench.sh`; raw lines in `target/bench/results.jsonl`).", ""]
+    out.append("| scenario | conns | handshakes/s | events | deliveries expected / received | lost | deliveries/s "
+               "| latency p50 / p90 / p99 / max (ms) | server CPU µs/delivery | server CPU µs/event | KiB/idle conn | peak RSS MiB | lagged |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, rows in groups.items():
+        ev = median(rows, "events_published")
+        cpu = median(rows, "server_cpu_secs")
+        per_event = cpu * 1e6 / ev if cpu is not None and ev else None
+        lat = "–"
+        if median(rows, "latency_ms", "p50") is not None:
+            lat = " / ".join(fmt(median(rows, "latency_ms", q), 1) for q in ("p50", "p90", "p99", "max"))
+        exp, rec = median(rows, "deliveries_expected"), median(rows, "deliveries_received")
+        peak = median(rows, "server_rss_kib_peak")
+        out.append("| " + " | ".join([
+            name, fmt(median(rows, "connections")), fmt(median(rows, "handshakes_per_sec"), 0), fmt(ev),
+            f"{fmt(exp)} / {fmt(rec)}" if exp is not None else "–", fmt(median(rows, "lost")),
+            fmt(median(rows, "deliveries_per_sec"), 0), lat,
+            fmt(median(rows, "server_cpu_us_per_delivery")), fmt(per_event, 1),
+            fmt(median(rows, "server_kib_per_idle_connection"), 1),
+            fmt(peak / 1024 if peak else None, 0), fmt(median(rows, "lagged_messages")),
+        ]) + " |")
+    hs = median(groups.get("handshake-tls-es256", []), "server_cpu_us_per_handshake")
+    if hs is not None:
+        out += ["", f"Server CPU per TLS 1.3 + ES256 handshake: {fmt(hs, 0)} µs (median)."]
+    out += ["", END]
+    text = open(doc).read() if os.path.exists(doc) else f"# Benchmarks\n\n{START}\n{END}\n"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        tail = rest.split(END, 1)[1]
+        text = head + "\n".join(out) + tail
+    else:
+        text += "\n" + "\n".join(out) + "\n"
+    with open(doc, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
