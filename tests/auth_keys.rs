@@ -21,25 +21,6 @@ const ALL: [Algorithm; 9] = [
     Algorithm::EdDSA,
 ];
 
-async fn refused(server: &TestServer, token: &str) -> (u16, String) {
-    let auth = format!("Bearer {token}");
-    let r = server
-        .http(
-            "GET",
-            "/ws",
-            &[
-                ("authorization", auth.as_str()),
-                ("upgrade", "websocket"),
-                ("connection", "Upgrade"),
-                ("sec-websocket-version", "13"),
-                ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
-            ],
-            None,
-        )
-        .await;
-    (r.status, r.json()["code"].as_str().unwrap_or_default().to_owned())
-}
-
 fn write_pem(dir: &std::path::Path, k: &TestKey) -> std::path::PathBuf {
     let p = dir.join(format!("{}.pub.pem", k.kid));
     std::fs::write(&p, &k.public_pem).expect("write pem");
@@ -68,11 +49,11 @@ async fn every_algorithm_is_accepted_with_its_own_key_only() {
     // A key verifies only its own algorithm: an RSA key with RS256 refuses a PS256 token.
     let rs256 = &keys[0];
     assert_eq!(
-        refused(&server, &rs256.sign_as(Algorithm::PS256, &claims("acme", "a", None))).await,
+        server.refusal(&rs256.sign_as(Algorithm::PS256, &claims("acme", "a", None))).await,
         (401, "algorithm_not_allowed".into())
     );
     assert_eq!(
-        refused(&server, &rs256.sign_as(Algorithm::RS512, &claims("acme", "a", None))).await,
+        server.refusal(&rs256.sign_as(Algorithm::RS512, &claims("acme", "a", None))).await,
         (401, "algorithm_not_allowed".into())
     );
     // HS/RS confusion: an HS256 token "signed" with the RSA public key as the secret.
@@ -84,17 +65,17 @@ async fn every_algorithm_is_accepted_with_its_own_key_only() {
         &jsonwebtoken::EncodingKey::from_secret(rs256.public_pem.as_bytes()),
     )
     .expect("sign");
-    assert_eq!(refused(&server, &confused).await, (401, "algorithm_not_allowed".into()));
+    assert_eq!(server.refusal(&confused).await, (401, "algorithm_not_allowed".into()));
     // A token signed by another key under a known kid.
     let impostor = generate(Algorithm::ES256, "es256");
-    assert_eq!(refused(&server, &impostor.sign(&claims("acme", "a", None))).await, (401, "bad_signature".into()));
+    assert_eq!(server.refusal(&impostor.sign(&claims("acme", "a", None))).await, (401, "bad_signature".into()));
     // alg none.
     let none = format!(
         "{}.{}.",
         "eyJhbGciOiJub25lIiwia2lkIjoiZXMyNTYifQ", // {"alg":"none","kid":"es256"}
         "eyJzdWIiOiJhIiwidGVuYW50IjoiYWNtZSIsImV4cCI6OTk5OTk5OTk5OX0"
     );
-    let (status, code) = refused(&server, &none).await;
+    let (status, code) = server.refusal(&none).await;
     assert_eq!(status, 401);
     assert!(code == "malformed" || code == "algorithm_not_allowed", "{code}");
     server.shutdown().await;
@@ -132,20 +113,20 @@ async fn a_key_of_one_issuer_never_validates_another_issuers_token() {
     Client::connect(&server, &b.sign(&claims("acme", "b-user", Some("https://b.example")))).await;
     Client::connect(&server, &b_only.sign(&claims("acme", "b-user", Some("https://b.example")))).await;
     // A's genuine key signing a token that claims issuer B: looked up among B's keys, refused.
-    let r = refused(&server, &a.sign(&claims("acme", "x", Some("https://b.example")))).await;
+    let r = server.refusal(&a.sign(&claims("acme", "x", Some("https://b.example")))).await;
     assert_eq!(r, (401, "bad_signature".into()));
     // B's genuine key signing a token that claims issuer A: A's key "shared" does not verify it.
-    let r = refused(&server, &b.sign(&claims("acme", "x", Some("https://a.example")))).await;
+    let r = server.refusal(&b.sign(&claims("acme", "x", Some("https://a.example")))).await;
     assert_eq!(r, (401, "bad_signature".into()));
     // A kid only B's set holds, in a token claiming issuer A: A has no such key.
-    let r = refused(&server, &b_only.sign(&claims("acme", "x", Some("https://a.example")))).await;
+    let r = server.refusal(&b_only.sign(&claims("acme", "x", Some("https://a.example")))).await;
     assert_eq!(r, (401, "unknown_kid".into()));
     // A's key in a token with no issuer at all: bound keys are never tried.
-    let r = refused(&server, &a.sign(&claims("acme", "x", None))).await;
+    let r = server.refusal(&a.sign(&claims("acme", "x", None))).await;
     assert_eq!(r, (401, "unknown_kid".into()));
     // A kid nobody has.
     let stranger = generate(Algorithm::ES256, "nobody");
-    let r = refused(&server, &stranger.sign(&claims("acme", "x", Some("https://b.example")))).await;
+    let r = server.refusal(&stranger.sign(&claims("acme", "x", Some("https://b.example")))).await;
     assert_eq!(r, (401, "unknown_kid".into()));
     server.shutdown().await;
 }
@@ -171,7 +152,7 @@ async fn jwks_sets_never_supply_symmetric_keys_or_unlisted_algorithms() {
     let iss = Some("https://idp.example");
     Client::connect(&server, &rsa.sign(&claims("acme", "u", iss))).await;
     // ES256 is not on this set's allowlist, so its key was never taken.
-    assert_eq!(refused(&server, &ec.sign(&claims("acme", "u", iss))).await, (401, "unknown_kid".into()));
+    assert_eq!(server.refusal(&ec.sign(&claims("acme", "u", iss))).await, (401, "unknown_kid".into()));
     // The oct key was never taken: an HS256 token under its kid is refused.
     let mut h = jsonwebtoken::Header::new(Algorithm::HS256);
     h.kid = Some("oct".into());
@@ -181,6 +162,6 @@ async fn jwks_sets_never_supply_symmetric_keys_or_unlisted_algorithms() {
         &jsonwebtoken::EncodingKey::from_secret(b"secret-secret-secret-secret-secret"),
     )
     .expect("sign");
-    assert_eq!(refused(&server, &hs).await, (401, "unknown_kid".into()));
+    assert_eq!(server.refusal(&hs).await, (401, "unknown_kid".into()));
     server.shutdown().await;
 }

@@ -55,25 +55,6 @@ async fn start_idp(idp: Arc<Idp>) -> (SocketAddr, std::path::PathBuf) {
     (addr, dir.join("ca.crt"))
 }
 
-async fn status_of(server: &TestServer, token: &str) -> (u16, String) {
-    let auth = format!("Bearer {token}");
-    let r = server
-        .http(
-            "GET",
-            "/ws",
-            &[
-                ("authorization", auth.as_str()),
-                ("upgrade", "websocket"),
-                ("connection", "Upgrade"),
-                ("sec-websocket-version", "13"),
-                ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
-            ],
-            None,
-        )
-        .await;
-    (r.status, r.json()["code"].as_str().unwrap_or_default().to_owned())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotating_keys_are_followed_with_rate_limited_refetches() {
     let k1 = generate(Algorithm::ES256, "k1");
@@ -108,7 +89,7 @@ async fn rotating_keys_are_followed_with_rate_limited_refetches() {
 
     // Rotation: k2 replaces k1. Right after a fetch, an unknown kid does not refetch yet.
     *idp.doc.lock().expect("doc") = json!({"keys": [k2.jwk]});
-    assert_eq!(status_of(&server, &k2.sign(&claims("acme", "u2", iss))).await, (401, "unknown_kid".into()));
+    assert_eq!(server.refusal(&k2.sign(&claims("acme", "u2", iss))).await, (401, "unknown_kid".into()));
     assert_eq!(hits(), 1, "refetch is rate-limited");
 
     // After the interval, the unknown kid refetches and k2 is picked up.
@@ -117,9 +98,9 @@ async fn rotating_keys_are_followed_with_rate_limited_refetches() {
     assert_eq!(hits(), 2);
 
     // k1 was removed from the set: it no longer verifies, even after another refetch.
-    assert_eq!(status_of(&server, &k1.sign(&claims("acme", "u1", iss))).await, (401, "unknown_kid".into()));
+    assert_eq!(server.refusal(&k1.sign(&claims("acme", "u1", iss))).await, (401, "unknown_kid".into()));
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert_eq!(status_of(&server, &k1.sign(&claims("acme", "u1", iss))).await, (401, "unknown_kid".into()));
+    assert_eq!(server.refusal(&k1.sign(&claims("acme", "u1", iss))).await, (401, "unknown_kid".into()));
     assert_eq!(hits(), 3);
 
     // A burst of unknown kids costs at most one fetch per interval.
@@ -128,7 +109,7 @@ async fn rotating_keys_are_followed_with_rate_limited_refetches() {
     let burst = (0..10).map(|i| {
         let t = stranger.sign(&claims("acme", &format!("s{i}"), iss));
         let server = &server;
-        async move { status_of(server, &t).await }
+        async move { server.refusal(&t).await }
     });
     for r in futures_util::future::join_all(burst).await {
         assert_eq!(r, (401, "unknown_kid".into()));
@@ -137,11 +118,11 @@ async fn rotating_keys_are_followed_with_rate_limited_refetches() {
 
     // A URL that redirects is not followed; an oversized document is refused.
     let before = hits();
-    let r = status_of(&server, &k2.sign(&claims("acme", "u", Some("https://redirecting.example")))).await;
+    let r = server.refusal(&k2.sign(&claims("acme", "u", Some("https://redirecting.example")))).await;
     assert_eq!(r, (401, "unknown_kid".into()));
     assert_eq!(idp.redirect_hits.load(Ordering::SeqCst), 1);
     assert_eq!(hits(), before, "the redirect target was not fetched");
-    let r = status_of(&server, &k2.sign(&claims("acme", "u", Some("https://big.example")))).await;
+    let r = server.refusal(&k2.sign(&claims("acme", "u", Some("https://big.example")))).await;
     assert_eq!(r, (401, "unknown_kid".into()));
     server.shutdown().await;
 }

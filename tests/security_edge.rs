@@ -31,17 +31,6 @@ fn with(f: impl FnOnce(&mut serde_json::Map<String, Value>)) -> String {
     sign(c)
 }
 
-async fn upgrade(server: &TestServer, extra: &[(&str, &str)]) -> common::HttpResponse {
-    let mut headers = vec![
-        ("upgrade", "websocket"),
-        ("connection", "Upgrade"),
-        ("sec-websocket-version", "13"),
-        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
-    ];
-    headers.extend_from_slice(extra);
-    server.http("GET", "/ws", &headers, None).await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_refusal_reason_before_the_upgrade() {
     let mut cfg = config();
@@ -155,7 +144,7 @@ async fn every_refusal_reason_before_the_upgrade() {
     ];
     for (auth, code) in &cases {
         let extra: Vec<(&str, &str)> = auth.as_deref().map(|a| vec![("authorization", a)]).unwrap_or_default();
-        let r = upgrade(&server, &extra).await;
+        let r = server.upgrade_request("/ws", &extra).await;
         assert_eq!(r.status, 401, "{code}: {}", r.body);
         let body = r.json();
         assert_eq!(body["code"], *code, "{body}");
@@ -201,7 +190,7 @@ async fn browsers_authenticate_through_the_subprotocol() {
     assert_eq!(welcome["subject"], "browser");
 
     // A bad token in the subprotocol is refused like any other.
-    let r = upgrade(&server, &[("sec-websocket-protocol", "incident-stream.v1, bearer.nonsense")]).await;
+    let r = server.upgrade_request("/ws", &[("sec-websocket-protocol", "incident-stream.v1, bearer.nonsense")]).await;
     assert_eq!((r.status, r.json()["code"].as_str()), (401, Some("malformed")));
     server.shutdown().await;
 }
@@ -210,19 +199,7 @@ async fn browsers_authenticate_through_the_subprotocol() {
 async fn query_tokens_are_off_by_default() {
     let server = TestServer::default().await;
     let t = token("acme", "alice", &[], 300);
-    let r = server
-        .http(
-            "GET",
-            &format!("/ws?access_token={t}"),
-            &[
-                ("upgrade", "websocket"),
-                ("connection", "Upgrade"),
-                ("sec-websocket-version", "13"),
-                ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
-            ],
-            None,
-        )
-        .await;
+    let r = server.upgrade_request(&format!("/ws?access_token={t}"), &[]).await;
     assert_eq!((r.status, r.json()["code"].as_str()), (401, Some("missing")));
     server.shutdown().await;
 }
@@ -243,7 +220,8 @@ async fn claim_mapped_labels_are_mandatory_too() {
     let ids = server.publish("acme", &json!({"event_type": "escalated", "labels": {"team": "blue"}})).await;
     assert_eq!(c.recv().await["message_id"], ids[0].as_str(), "only team blue's event");
     // A token without the mapped claim is refused at the upgrade.
-    let r = upgrade(&server, &[("authorization", &format!("Bearer {}", token("acme", "x", &[], 300)))]).await;
+    let r =
+        server.upgrade_request("/ws", &[("authorization", &format!("Bearer {}", token("acme", "x", &[], 300)))]).await;
     assert_eq!((r.status, r.json()["code"].as_str()), (401, Some("missing_claim")));
     server.shutdown().await;
 }
@@ -309,21 +287,9 @@ fn query_tokens_never_reach_the_logs() {
         let (mut ws, _) =
             tokio_tungstenite::connect_async_tls_with_config(req, None, false, connector).await.expect("upgrade");
         assert!(ws.next().await.is_some(), "welcome");
-        let r = upgrade(&server, &[]).await;
+        let r = server.upgrade_request("/ws", &[]).await;
         assert_eq!(r.status, 401);
-        let refused = server
-            .http(
-                "GET",
-                &format!("/ws?access_token={expired}"),
-                &[
-                    ("upgrade", "websocket"),
-                    ("connection", "Upgrade"),
-                    ("sec-websocket-version", "13"),
-                    ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
-                ],
-                None,
-            )
-            .await;
+        let refused = server.upgrade_request(&format!("/ws?access_token={expired}"), &[]).await;
         assert_eq!((refused.status, refused.json()["code"].as_str()), (401, Some("expired")));
         drop(ws);
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -347,7 +313,9 @@ async fn unknown_and_disabled_tenants_are_refused_with_403() {
     cfg.policies.dir = common::policies(&[("acme", true), ("ops", true), ("globex", false)]);
     let server = TestServer::start(cfg).await;
     for (tenant, code) in [("globex", "tenant_disabled"), ("initech", "unknown_tenant")] {
-        let r = upgrade(&server, &[("authorization", &format!("Bearer {}", token(tenant, "u", &[], 60)))]).await;
+        let r = server
+            .upgrade_request("/ws", &[("authorization", &format!("Bearer {}", token(tenant, "u", &[], 60)))])
+            .await;
         assert_eq!((r.status, r.json()["code"].as_str()), (403, Some(code)), "{}", r.body);
         let publisher = format!("Bearer {}", token(tenant, "p", &["publisher"], 60));
         let r = server

@@ -154,6 +154,25 @@ impl TestServer {
         self.raw_http(method, path, &extra, body.as_bytes()).await
     }
 
+    /// A WebSocket upgrade request made by hand (no client library), for asserting refusals.
+    pub async fn upgrade_request(&self, path: &str, extra: &[(&str, &str)]) -> HttpResponse {
+        let mut headers = vec![
+            ("upgrade", "websocket"),
+            ("connection", "Upgrade"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ];
+        headers.extend_from_slice(extra);
+        self.http("GET", path, &headers, None).await
+    }
+
+    /// The status and JSON `code` of an upgrade with this bearer token.
+    pub async fn refusal(&self, token: &str) -> (u16, String) {
+        let auth = format!("Bearer {token}");
+        let r = self.upgrade_request("/ws", &[("authorization", auth.as_str())]).await;
+        (r.status, r.json()["code"].as_str().unwrap_or_default().to_owned())
+    }
+
     pub async fn raw_http(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> HttpResponse {
         let io = self.connect_io().await;
         exchange(io, self.addr, method, path, headers, body).await
