@@ -31,7 +31,8 @@ def fmt(v, digits=2):
         return "–"
     if abs(v) >= 1000:
         return f"{v:,.0f}"
-    return f"{v:.{digits}f}".rstrip("0").rstrip(".") if "." in f"{v:.{digits}f}" else f"{v}"
+    s = f"{v:.{digits}f}"
+    return s.rstrip("0").rstrip(".") if "." in s else s
 
 
 def machine():
@@ -63,7 +64,7 @@ def main(results, doc):
                 r = json.loads(line)
                 groups.setdefault(r["name"], []).append(r)
     out = [START, "", f"Measured {datetime.date.today().isoformat()} on {machine()}.",
-           f"Each figure is the median of {max(len(v) for v in groups.values()) if groups else 0} runs "
+           f"Each figure is the median of {max(len(v) for v in groups.values()) if groups else 0} run(s) "
            "(`scripts/bench.sh`; raw lines in `target/bench/results.jsonl`).", ""]
     out.append("| scenario | conns | handshakes/s | events | deliveries expected / received | lost | deliveries/s "
                "| latency p50 / p90 / p99 / max (ms) | server CPU µs/delivery | server CPU µs/event | KiB/idle conn | peak RSS MiB | lagged |")

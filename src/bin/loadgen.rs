@@ -376,7 +376,8 @@ async fn main() -> Result<()> {
 
     // Connect everything, at most 256 handshakes in flight.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(1024);
+    // Room for every connection: the spawn loop only reads readiness after spawning them all.
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(args.connections.max(1));
     let started = Instant::now();
     let cpu_hs0 = pid.and_then(|p| proc_cpu_secs(p, ticks_per_sec));
     let gate = Arc::new(tokio::sync::Semaphore::new(256));
