@@ -6,6 +6,8 @@
 #   scripts/bench.sh                 # every scenario
 #   scripts/bench.sh fanout-1k idle  # only scenarios whose name starts with these words
 #   RUNS=1 scripts/bench.sh guard    # quick look
+#   PROFILE=1 RUNS=1 scripts/bench.sh fanout-10k   # also a perf profile of the server, per scenario,
+#                                    # summarised in target/bench/profile-NAME.txt
 #
 # Only loopback addresses are used; every process started here is stopped by its PID.
 set -euo pipefail
@@ -94,7 +96,17 @@ scenario() {
     local tlsargs=()
     [ "$tls" = true ] && tlsargs=(--ca "$WORK/certs/ca.crt")
     echo "== $name (run $run/$RUNS)" >&2
+    local perf_pid=""
+    if [ -n "${PROFILE:-}" ]; then
+      perf record -F 999 -p "$SERVER_PID" -o "$OUT/$name.perf.data" 2>/dev/null &
+      perf_pid=$!
+    fi
     $LOADGEN --addr "$ADDR" "${tlsargs[@]}" --server-pid "$SERVER_PID" --name "$name" "$@" 2>/dev/null >> "$RESULTS"
+    if [ -n "$perf_pid" ]; then
+      kill -INT "$perf_pid"; wait "$perf_pid" || true
+      perf report -i "$OUT/$name.perf.data" --no-children --sort dso,symbol --percent-limit 0.7 --stdio 2>/dev/null \
+        | grep -v '^$' > "$OUT/profile-$name.txt" || true
+    fi
     stop_server
   done
 }

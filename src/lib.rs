@@ -38,6 +38,7 @@ pub mod server;
 mod session;
 pub mod time;
 pub mod tls;
+mod ws;
 
 pub use config::Config;
 pub use server::{Embedded, Running, Server, ServerBuilder, ServerError};

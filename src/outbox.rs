@@ -101,15 +101,40 @@ impl Outbox {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues an event; never blocks beyond the short lock.
+    /// Queues one event; never blocks beyond the short lock.
+    #[cfg(test)]
     pub(crate) fn push(&self, ev: &Arc<Published>) -> PushOutcome {
+        self.push_all(std::slice::from_ref(ev))
+    }
+
+    /// Queues several events in order under one lock, waking the session at most once, so a
+    /// burst reaches the socket as one write. Returns the combined outcome (`queued` if any was).
+    pub(crate) fn push_all(&self, evs: &[Arc<Published>]) -> PushOutcome {
         let mut st = self.lock();
+        let was_empty = st.len == 0;
+        let mut total = PushOutcome { queued: false, dropped: 0 };
+        for ev in evs {
+            let o = self.push_locked(&mut st, ev);
+            total.queued |= o.queued;
+            total.dropped += o.dropped;
+        }
+        let closing = st.close.is_some_and(|r| !drains_first(r));
+        drop(st);
+        if closing {
+            self.closing.notify_one();
+            self.ready.notify_one();
+        } else if (was_empty && total.queued) || total.dropped > 0 {
+            self.ready.notify_one();
+        }
+        total
+    }
+
+    fn push_locked(&self, st: &mut State, ev: &Arc<Published>) -> PushOutcome {
         if st.close.is_some() {
             // Closing: nothing new is queued, but the loss is still counted and reported.
             st.note_loss(ev.id);
             return PushOutcome { queued: false, dropped: 1 };
         }
-        let was_empty = st.len == 0;
         let prio = ev.priority as usize;
         let mut outcome = PushOutcome { queued: true, dropped: 0 };
         if st.len < self.capacity {
@@ -135,16 +160,8 @@ impl Outbox {
         if outcome.queued {
             st.last_queued = Some(ev.id);
         }
-        let closing = st.close.is_some();
-        if closing {
+        if st.close.is_some() {
             outcome.dropped += st.discard_all();
-        }
-        drop(st);
-        if closing {
-            self.closing.notify_one();
-            self.ready.notify_one();
-        } else if was_empty || outcome.dropped > 0 {
-            self.ready.notify_one();
         }
         outcome
     }
@@ -244,7 +261,7 @@ impl Outbox {
 mod tests {
     use super::*;
     use crate::event::{EventType, Routing, Severity, TenantId};
-    use axum::extract::ws::Utf8Bytes;
+    use bytes::Bytes;
     use std::collections::BTreeMap;
     use std::time::Instant;
 
@@ -263,7 +280,7 @@ mod tests {
             id: MessageId { epoch: 1, seq },
             priority: routing.priority(),
             routing,
-            frame: Utf8Bytes::from(format!("{seq}")),
+            frame: Bytes::from(format!("{seq}")),
             published_at: Instant::now(),
         })
     }
@@ -286,6 +303,20 @@ mod tests {
         out.clear();
         o.drain(&mut out, 10);
         assert_eq!(seqs(&out), vec![4, 5]);
+    }
+
+    #[tokio::test]
+    async fn a_burst_is_queued_in_order_with_one_wake_and_shedding_counted() {
+        let o = Outbox::new(3);
+        let burst: Vec<_> = (1..=5).map(|s| ev(s, Some(Severity::P2))).collect();
+        assert_eq!(o.push_all(&burst), PushOutcome { queued: true, dropped: 2 });
+        // One stored permit: the session wakes once, then finds nothing more to wait for.
+        tokio::time::timeout(std::time::Duration::from_secs(1), o.ready()).await.expect("woken");
+        assert!(tokio::time::timeout(std::time::Duration::from_millis(50), o.ready()).await.is_err());
+        let mut out = vec![];
+        let d = o.drain(&mut out, 10);
+        assert_eq!(seqs(&out), vec![1, 2, 3]);
+        assert_eq!(d.lagged, Some((2, MessageId { epoch: 1, seq: 4 })));
     }
 
     #[test]

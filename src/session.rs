@@ -9,15 +9,12 @@
 //! touches another tenant's state: its only route to events is its own outbox, and its filters
 //! always carry the mandatory labels of its principal.
 
-use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::{SinkExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::auth::{Authenticator, Principal};
@@ -27,6 +24,10 @@ use crate::fanout::{Conn, Hub};
 use crate::filter::{FilterError, SubscriptionFilter};
 use crate::metrics::Metrics;
 use crate::protocol::{self, ClientMessage, CloseReason, ErrorCode, ProtocolError, ServerMessage};
+use crate::ws::{Message, WebSocket, WsError};
+
+/// The socket of one session: the lean WebSocket over hyper's upgraded connection.
+pub(crate) type Socket = WebSocket<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
 
 /// Events written per drain before the task looks at the socket again.
 const BATCH: usize = 64;
@@ -64,7 +65,7 @@ pub(crate) struct SessionContext {
     pub(crate) settings: Arc<SessionSettings>,
     pub(crate) principal: Principal,
     /// Labels every subscription must carry (`tenant` and any mapped claims).
-    pub(crate) mandatory: BTreeMap<String, String>,
+    pub(crate) mandatory: Vec<(String, String)>,
     pub(crate) remote: SocketAddr,
 }
 
@@ -74,8 +75,16 @@ enum End {
     Close(CloseReason),
     /// The client closed (with its code) or vanished.
     ClientGone(Option<u16>),
-    /// Writing failed.
-    WriteFailed,
+    /// Writing failed, or the client must be cut off without a close handshake.
+    Abort,
+}
+
+/// What woke the session's loop.
+enum Wake {
+    Outbox,
+    Incoming(Result<Message, WsError>),
+    Heartbeat,
+    Expired,
 }
 
 /// Unregisters the session and settles its gauges however the task ends (even by a panic).
@@ -102,8 +111,11 @@ fn deadline_for(expires_at: u64, leeway: Duration) -> tokio::time::Instant {
 struct Session {
     ctx: SessionContext,
     conn: Arc<Conn>,
-    subs: HashMap<String, Arc<SubscriptionFilter>>,
-    mandatory: BTreeMap<String, String>,
+    /// Subscriptions by id: a short vector (a handful per connection, bounded by the limit).
+    subs: Vec<(String, Arc<SubscriptionFilter>)>,
+    mandatory: Vec<(String, String)>,
+    /// The `iss` claim of the session's token: a refresh must come from the same issuer.
+    issuer: Option<serde_json::Value>,
     limiter: DefaultDirectRateLimiter,
     refusals: u32,
     refusal_window: Instant,
@@ -115,11 +127,19 @@ struct Session {
     batch: Vec<Arc<Published>>,
 }
 
-/// Runs a session to its end.
-pub(crate) async fn run(mut socket: WebSocket, ctx: SessionContext) {
-    let session_id = uuid::Uuid::new_v4().to_string();
-    let conn =
-        ctx.hub.register(session_id.clone(), ctx.principal.tenant.clone(), ctx.principal.subject.clone(), ctx.remote);
+/// Runs a session to its end. Setup happens here, synchronously, so the returned future (which
+/// every idle connection keeps for its whole life) holds only the session and its socket.
+// Boxed on purpose: the spawning task keeps its captures for its whole life, so it holds a
+// pointer, and the allocation is freed here as the session takes the context out.
+#[allow(clippy::boxed_local)]
+pub(crate) fn run(mut socket: Socket, ctx: Box<SessionContext>) -> impl Future<Output = ()> + Send {
+    let mut ctx = *ctx;
+    let conn = ctx.hub.register(
+        uuid::Uuid::new_v4().to_string(),
+        ctx.principal.tenant.clone(),
+        ctx.principal.subject.clone(),
+        ctx.remote,
+    );
     ctx.metrics.active_connections.inc();
     ctx.metrics.total_connections.inc();
     let registration = Registration {
@@ -129,17 +149,32 @@ pub(crate) async fn run(mut socket: WebSocket, ctx: SessionContext) {
         started: Instant::now(),
     };
     tracing::info!(
-        session_id = %session_id, tenant = %conn.tenant, subject = %conn.subject,
+        session_id = %conn.session_id, tenant = %conn.tenant, subject = %conn.subject,
         remote = %conn.remote, token_id = %ctx.principal.token_id, "session opened"
     );
-    let mandatory = ctx.mandatory.clone();
+    let mandatory = std::mem::take(&mut ctx.mandatory);
+    // The claims were needed to derive the mandatory labels; a refresh only compares the issuer.
+    let issuer = ctx.principal.claims.get("iss").cloned();
+    ctx.principal.claims = serde_json::Map::new();
     let quota = Quota::per_second(ctx.settings.messages_per_second).allow_burst(ctx.settings.message_burst);
+    let welcome = ServerMessage::Welcome {
+        session_id: conn.session_id.clone(),
+        server_time: crate::time::rfc3339_now(),
+        tenant: ctx.principal.tenant.to_string(),
+        subject: ctx.principal.subject.clone(),
+        expires_at: crate::time::rfc3339_from_unix(ctx.principal.expires_at),
+        heartbeat_interval_secs: ctx.settings.heartbeat.as_secs(),
+        protocol: protocol::PROTOCOL_VERSION,
+    };
+    socket.queue_text(welcome.to_text().as_bytes());
+    ctx.metrics.messages_sent.inc();
     let mut s = Session {
         expiry: deadline_for(ctx.principal.expires_at, ctx.settings.leeway),
         limiter: RateLimiter::direct(quota),
-        conn: Arc::clone(&conn),
-        subs: HashMap::new(),
+        conn,
+        subs: Vec::new(),
         mandatory,
+        issuer,
         refusals: 0,
         refusal_window: Instant::now(),
         last_message: Instant::now(),
@@ -147,47 +182,47 @@ pub(crate) async fn run(mut socket: WebSocket, ctx: SessionContext) {
         batch: Vec::new(),
         ctx,
     };
-    let welcome = ServerMessage::Welcome {
-        session_id: session_id.clone(),
-        server_time: crate::time::rfc3339_now(),
-        tenant: s.ctx.principal.tenant.to_string(),
-        subject: s.ctx.principal.subject.clone(),
-        expires_at: crate::time::rfc3339_from_unix(s.ctx.principal.expires_at),
-        heartbeat_interval_secs: s.ctx.settings.heartbeat.as_secs(),
-        protocol: protocol::PROTOCOL_VERSION,
-    };
-    let end = match s.send(&mut socket, welcome).await {
-        Ok(()) => s.main_loop(&mut socket).await,
-        Err(end) => end,
-    };
-    let code = match end {
-        End::Close(reason) => {
-            s.close(&mut socket, reason).await;
-            Some(reason.close_code().code())
-        }
-        End::ClientGone(code) => {
-            // tungstenite queued the reply to a client close; push it out.
-            if tokio::time::timeout(s.ctx.settings.close_timeout, socket.flush()).await.is_err() {
-                tracing::debug!(session_id = %session_id, "close reply not flushed in time");
-            }
-            code
-        }
-        End::WriteFailed => None,
-    };
-    let duration = registration.started.elapsed().as_secs_f64();
-    drop(registration);
-    tracing::info!(
-        session_id = %session_id, tenant = %conn.tenant, subject = %conn.subject,
-        close_code = code, duration_secs = duration, "session closed"
-    );
-}
-
-fn is_too_large(e: axum::Error) -> bool {
-    matches!(e.into_inner().downcast::<tungstenite::Error>().map(|b| *b), Ok(tungstenite::Error::Capacity(_)))
+    async move {
+        // Rare paths are boxed, so the future stays small.
+        let end = match Box::pin(s.guarded(socket.flush())).await {
+            Ok(()) => s.main_loop(&mut socket).await,
+            Err(end) => end,
+        };
+        Box::pin(s.finish(&mut socket, end, registration)).await;
+    }
 }
 
 impl Session {
-    async fn main_loop(&mut self, socket: &mut WebSocket) -> End {
+    /// Ends the session: the close handshake the ending calls for, TLS close_notify, then the
+    /// hub forgets it.
+    async fn finish(&mut self, socket: &mut Socket, end: End, registration: Registration) {
+        let code = match end {
+            End::Close(reason) => {
+                self.close(socket, reason).await;
+                Some(reason.close_code().code())
+            }
+            End::ClientGone(code) => {
+                // The reply to the client's close is queued; push it out.
+                if tokio::time::timeout(self.ctx.settings.close_timeout, socket.flush()).await.is_err() {
+                    tracing::debug!(session_id = %self.conn.session_id, "close reply not flushed in time");
+                }
+                code
+            }
+            End::Abort => None,
+        };
+        if code.is_some() {
+            // Ends TLS with close_notify, so a client can tell a clean end from a cut connection.
+            let _ = tokio::time::timeout(self.ctx.settings.close_timeout, socket.shutdown()).await;
+        }
+        let duration = registration.started.elapsed().as_secs_f64();
+        drop(registration);
+        tracing::info!(
+            session_id = %self.conn.session_id, tenant = %self.conn.tenant, subject = %self.conn.subject,
+            close_code = code, duration_secs = duration, "session closed"
+        );
+    }
+
+    async fn main_loop(&mut self, socket: &mut Socket) -> End {
         let hb = self.ctx.settings.heartbeat;
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + hb, hb);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -199,28 +234,33 @@ impl Session {
                 expiry.as_mut().reset(self.expiry);
             }
             let conn = Arc::clone(&self.conn);
-            let step = tokio::select! {
-                () = conn.outbox.ready() => self.flush_outbox(socket).await,
-                incoming = socket.next() => {
+            // The select only says what happened; the work happens after it, so the futures
+            // it polled are gone by then and the session's future stays small.
+            let wake = tokio::select! {
+                () = conn.outbox.ready() => Wake::Outbox,
+                incoming = socket.recv() => Wake::Incoming(incoming),
+                _ = heartbeat.tick() => Wake::Heartbeat,
+                () = &mut expiry => Wake::Expired,
+            };
+            let step = match wake {
+                Wake::Outbox => self.flush_outbox(socket).await,
+                Wake::Incoming(incoming) => {
                     awaiting_pong = false;
                     match incoming {
-                        None => Err(End::ClientGone(None)),
-                        Some(Ok(m)) => self.on_message(socket, m).await,
-                        Some(Err(e)) => {
-                            self.ctx.metrics.connection_errors.inc();
-                            Err(if is_too_large(e) { End::Close(CloseReason::FrameTooLarge) } else { End::ClientGone(None) })
-                        }
+                        Ok(Message::Ping) => self.guarded(socket.flush()).await,
+                        Ok(Message::Pong) => Ok(()),
+                        Ok(Message::Close(code)) => Err(End::ClientGone(code)),
+                        Ok(m) => Box::pin(self.on_message(socket, m)).await,
+                        Err(e) => Err(self.read_failed(e)),
                     }
                 }
-                _ = heartbeat.tick() => {
-                    if awaiting_pong {
-                        Err(End::Close(CloseReason::HeartbeatTimeout))
-                    } else {
-                        awaiting_pong = true;
-                        self.write(socket, Message::Ping(bytes::Bytes::new())).await
-                    }
+                Wake::Heartbeat if awaiting_pong => Err(End::Close(CloseReason::HeartbeatTimeout)),
+                Wake::Heartbeat => {
+                    awaiting_pong = true;
+                    socket.queue_ping();
+                    self.guarded(socket.flush()).await
                 }
-                () = &mut expiry => Err(End::Close(CloseReason::TokenExpired)),
+                Wake::Expired => Err(End::Close(CloseReason::TokenExpired)),
             };
             if let Err(end) = step {
                 return end;
@@ -229,7 +269,7 @@ impl Session {
     }
 
     /// Drains the outbox into the socket, a few batches at a time.
-    async fn flush_outbox(&mut self, socket: &mut WebSocket) -> Result<(), End> {
+    async fn flush_outbox(&mut self, socket: &mut Socket) -> Result<(), End> {
         if self.conn.take_idle_nudge()
             && self.subs.is_empty()
             && self.last_message.elapsed() >= self.ctx.settings.idle_timeout
@@ -241,7 +281,8 @@ impl Session {
             batch.clear();
             let d = self.conn.outbox.drain(&mut batch, BATCH);
             if let Some((dropped, first)) = d.lagged {
-                self.send(socket, ServerMessage::Lagged { dropped, since_message_id: first.to_string() }).await?;
+                Box::pin(self.send(socket, ServerMessage::Lagged { dropped, since_message_id: first.to_string() }))
+                    .await?;
             }
             self.recheck(&mut batch);
             let written = if batch.is_empty() { Ok(()) } else { self.write_events(socket, &batch).await };
@@ -264,26 +305,44 @@ impl Session {
     fn recheck(&mut self, batch: &mut Vec<Arc<Published>>) {
         let Some(limit) = self.recheck_until else { return };
         let passed = batch.last().is_some_and(|e| e.id >= limit) || self.conn.outbox.len() == 0;
-        batch.retain(|e| e.id > limit || self.subs.values().any(|f| f.matches(&e.routing)));
+        batch.retain(|e| e.id > limit || self.subs.iter().any(|(_, f)| f.matches(&e.routing)));
         if passed {
             self.recheck_until = None;
         }
     }
 
-    /// Writes one message and flushes, racing the close signal, the token deadline and the
-    /// write timeout.
-    async fn write(&mut self, socket: &mut WebSocket, msg: Message) -> Result<(), End> {
-        self.guarded(socket.send(msg)).await
+    /// Maps a read failure to how the session ends.
+    fn read_failed(&self, e: WsError) -> End {
+        if !matches!(e, WsError::Eof) {
+            self.ctx.metrics.connection_errors.inc();
+        }
+        tracing::debug!(session_id = %self.conn.session_id, error = %e, "read ended");
+        match e {
+            WsError::TooLarge { fatal: false, .. } => End::Close(CloseReason::FrameTooLarge),
+            WsError::Protocol(_) => End::Close(CloseReason::ProtocolViolation),
+            WsError::InvalidUtf8 => End::Close(CloseReason::InvalidUtf8),
+            WsError::Eof => End::ClientGone(None),
+            WsError::TooLarge { fatal: true, .. } | WsError::Io(_) => End::Abort,
+        }
     }
 
-    async fn guarded(&mut self, write: impl Future<Output = Result<(), axum::Error>>) -> Result<(), End> {
+    /// Runs a flush of queued frames, racing the close signal, the token deadline and the
+    /// write timeout.
+    async fn guarded(&mut self, write: impl Future<Output = std::io::Result<()>>) -> Result<(), End> {
+        let mut write = std::pin::pin!(write);
+        // Most writes complete at once (the socket buffer has room): no timers, no allocation.
+        let r = match futures_util::FutureExt::now_or_never(write.as_mut()) {
+            Some(r) => r,
+            None => return Box::pin(self.guarded_slow(write)).await,
+        };
+        r.map_err(|e| self.write_failed(e))
+    }
+
+    /// A write that has to wait: bounded by the close signal, the token and the write timeout.
+    async fn guarded_slow(&mut self, write: impl Future<Output = std::io::Result<()>>) -> Result<(), End> {
         let conn = Arc::clone(&self.conn);
         tokio::select! {
-            r = write => r.map_err(|e| {
-                self.ctx.metrics.send_errors.inc();
-                tracing::debug!(session_id = %conn.session_id, error = %e, "write failed");
-                End::WriteFailed
-            }),
+            r = write => r.map_err(|e| self.write_failed(e)),
             () = conn.outbox.closing() => {
                 Err(End::Close(conn.outbox.close_reason().unwrap_or(CloseReason::SlowConsumer)))
             }
@@ -295,14 +354,17 @@ impl Session {
         }
     }
 
-    async fn write_events(&mut self, socket: &mut WebSocket, batch: &[Arc<Published>]) -> Result<(), End> {
-        let write = async {
-            for ev in batch {
-                socket.feed(Message::Text(ev.frame.clone())).await?;
-            }
-            socket.flush().await
-        };
-        let r = self.guarded(write).await;
+    fn write_failed(&self, e: std::io::Error) -> End {
+        self.ctx.metrics.send_errors.inc();
+        tracing::debug!(session_id = %self.conn.session_id, error = %e, "write failed");
+        End::Abort
+    }
+
+    async fn write_events(&mut self, socket: &mut Socket, batch: &[Arc<Published>]) -> Result<(), End> {
+        for ev in batch {
+            socket.queue_text(&ev.frame);
+        }
+        let r = self.guarded(socket.flush()).await;
         let metrics = &self.ctx.metrics;
         let n = batch.len() as u64;
         match &r {
@@ -322,13 +384,14 @@ impl Session {
         r
     }
 
-    async fn send(&mut self, socket: &mut WebSocket, msg: ServerMessage) -> Result<(), End> {
-        self.write(socket, Message::Text(Utf8Bytes::from(msg.to_text()))).await?;
+    async fn send(&mut self, socket: &mut Socket, msg: ServerMessage) -> Result<(), End> {
+        socket.queue_text(msg.to_text().as_bytes());
+        self.guarded(socket.flush()).await?;
         self.ctx.metrics.messages_sent.inc();
         Ok(())
     }
 
-    async fn client_error(&mut self, socket: &mut WebSocket, e: ProtocolError) -> Result<(), End> {
+    async fn client_error(&mut self, socket: &mut Socket, e: ProtocolError) -> Result<(), End> {
         self.ctx.metrics.connection_errors.inc();
         tracing::debug!(session_id = %self.conn.session_id, code = e.code.as_str(), message = %e.message, "client error");
         self.send(socket, ServerMessage::from_error(e)).await
@@ -351,15 +414,15 @@ impl Session {
         Ok(false)
     }
 
-    async fn on_message(&mut self, socket: &mut WebSocket, msg: Message) -> Result<(), End> {
+    async fn on_message(&mut self, socket: &mut Socket, msg: Message) -> Result<(), End> {
         let (text, size) = match msg {
             Message::Text(t) => {
                 let n = t.len();
                 (Some(t), n)
             }
-            Message::Binary(b) => (None, b.len()),
-            Message::Ping(_) | Message::Pong(_) => return Ok(()),
-            Message::Close(frame) => return Err(End::ClientGone(frame.map(|f| f.code))),
+            Message::Binary(n) => (None, n),
+            Message::Ping | Message::Pong => return Ok(()),
+            Message::Close(code) => return Err(End::ClientGone(code)),
         };
         self.ctx.metrics.messages_received.inc();
         if size > self.ctx.settings.max_frame_bytes {
@@ -394,11 +457,11 @@ impl Session {
     }
 
     fn publish_filters(&self) {
-        let filters: Arc<[Arc<SubscriptionFilter>]> = self.subs.values().cloned().collect();
+        let filters: Arc<[Arc<SubscriptionFilter>]> = self.subs.iter().map(|(_, f)| Arc::clone(f)).collect();
         self.ctx.hub.set_filters(&self.conn, filters);
     }
 
-    async fn handle(&mut self, socket: &mut WebSocket, msg: ClientMessage) -> Result<(), End> {
+    async fn handle(&mut self, socket: &mut Socket, msg: ClientMessage) -> Result<(), End> {
         let err = |code, message: String, sub: Option<&str>| ProtocolError {
             code,
             message,
@@ -411,7 +474,7 @@ impl Session {
                     let e = err(ErrorCode::NotSupported, "resume_from is not supported yet".into(), Some(&id));
                     return self.client_error(socket, e).await;
                 }
-                if self.subs.contains_key(&id) {
+                if self.subs.iter().any(|(k, _)| *k == id) {
                     let e =
                         err(ErrorCode::DuplicateSubscription, format!("subscription `{id}` already exists"), Some(&id));
                     return self.client_error(socket, e).await;
@@ -437,17 +500,19 @@ impl Session {
                     }
                 };
                 let effective = filter.to_spec();
-                self.subs.insert(id.clone(), Arc::new(filter));
+                self.subs.reserve_exact(1);
+                self.subs.push((id.clone(), Arc::new(filter)));
                 self.publish_filters();
                 tracing::debug!(session_id = %self.conn.session_id, subscription_id = %id, "subscribed");
                 self.send(socket, ServerMessage::Subscribed { subscription_id: id, filters: effective }).await
             }
             ClientMessage::Unsubscribe(u) => {
                 let id = u.subscription_id;
-                if self.subs.remove(&id).is_none() {
+                let Some(at) = self.subs.iter().position(|(k, _)| *k == id) else {
                     let e = err(ErrorCode::UnknownSubscription, format!("no subscription `{id}`"), Some(&id));
                     return self.client_error(socket, e).await;
-                }
+                };
+                self.subs.swap_remove(at);
                 self.publish_filters();
                 // Anything queued from now on was matched against the new set; what is already
                 // queued is re-checked before it is written.
@@ -468,7 +533,7 @@ impl Session {
         }
     }
 
-    async fn refresh(&mut self, socket: &mut WebSocket, token: &str) -> Result<(), End> {
+    async fn refresh(&mut self, socket: &mut Socket, token: &str) -> Result<(), End> {
         let current = &self.ctx.principal;
         match self.ctx.auth.verify(token).await {
             Err(e) => {
@@ -482,7 +547,7 @@ impl Session {
             Ok(p)
                 if p.tenant != current.tenant
                     || p.subject != current.subject
-                    || p.claims.get("iss") != current.claims.get("iss")
+                    || p.claims.get("iss") != self.issuer.as_ref()
                     || self.ctx.policies.admit(&p.tenant) != crate::policy::Admission::Allowed
                     || self.ctx.auth.mandatory_labels(&p).ok().as_ref() != Some(&self.mandatory) =>
             {
@@ -511,7 +576,7 @@ impl Session {
 
     /// The closing handshake: `lagged` if events were lost, `closing`, the close frame, then wait
     /// (bounded) for the client's close so nothing in flight is cut off by a reset.
-    async fn close(&mut self, socket: &mut WebSocket, reason: CloseReason) {
+    async fn close(&mut self, socket: &mut Socket, reason: CloseReason) {
         // Stops further queueing (and discards what a cutting close leaves behind), so the lagged
         // notice below covers every event this connection lost.
         let discarded = self.conn.outbox.request_close(reason);
@@ -520,32 +585,30 @@ impl Session {
         let lagged = self.conn.outbox.drain(&mut nothing, 0).lagged;
         let code = reason.close_code().code();
         tracing::info!(session_id = %self.conn.session_id, reason = reason.as_str(), code, "closing session");
-        let metrics = Arc::clone(&self.ctx.metrics);
+        if let Some((dropped, first)) = lagged {
+            socket.queue_text(
+                ServerMessage::Lagged { dropped, since_message_id: first.to_string() }.to_text().as_bytes(),
+            );
+            self.ctx.metrics.messages_sent.inc();
+        }
+        let closing =
+            ServerMessage::Closing { reason: reason.as_str(), reconnect_after_ms: reason.reconnect_after_ms() };
+        socket.queue_text(closing.to_text().as_bytes());
+        self.ctx.metrics.messages_sent.inc();
+        socket.queue_close(code, reason.as_str());
         let handshake = async {
-            let mut frames = Vec::new();
-            if let Some((dropped, first)) = lagged {
-                frames.push(ServerMessage::Lagged { dropped, since_message_id: first.to_string() });
-            }
-            frames.push(ServerMessage::Closing {
-                reason: reason.as_str(),
-                reconnect_after_ms: reason.reconnect_after_ms(),
-            });
-            for f in frames {
-                socket.send(Message::Text(Utf8Bytes::from(f.to_text()))).await?;
-                metrics.messages_sent.inc();
-            }
-            socket.send(Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from(reason.as_str()) }))).await?;
+            socket.flush().await?;
             // Read until the client's close (or the end of the stream), so nothing in flight is
             // cut off by a reset. A peer that stopped answering pings will not answer this either.
             if reason == CloseReason::HeartbeatTimeout {
                 return Ok(());
             }
-            while let Some(Ok(m)) = socket.next().await {
+            while let Ok(m) = socket.recv().await {
                 if matches!(m, Message::Close(_)) {
                     break;
                 }
             }
-            Ok::<(), axum::Error>(())
+            Ok::<(), std::io::Error>(())
         };
         match tokio::time::timeout(self.ctx.settings.close_timeout, handshake).await {
             Ok(Ok(())) => {}

@@ -344,8 +344,9 @@ impl Authenticator {
     }
 
     /// The labels every subscription of this principal must carry: `tenant`, plus the
-    /// configured claim mappings. A mapped claim the token lacks refuses the token.
-    pub fn mandatory_labels(&self, p: &Principal) -> Result<std::collections::BTreeMap<String, String>, AuthError> {
+    /// configured claim mappings. A mapped claim the token lacks refuses the token. Sorted by
+    /// label, each label once (a vector: every session keeps one, and a map costs far more).
+    pub fn mandatory_labels(&self, p: &Principal) -> Result<Vec<(String, String)>, AuthError> {
         let mut labels = std::collections::BTreeMap::from([("tenant".to_owned(), p.tenant.as_str().to_owned())]);
         for (label, claim) in &self.claim_labels {
             match p.claims.get(claim) {
@@ -356,7 +357,7 @@ impl Authenticator {
                 None => return Err(AuthError::MissingClaim(claim.clone())),
             }
         }
-        Ok(labels)
+        Ok(labels.into_iter().collect())
     }
 
     fn principal(&self, token: &str, claims: Map<String, Value>) -> Result<Principal, AuthError> {

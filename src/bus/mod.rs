@@ -9,7 +9,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::event::{Event, MessageId, Priority, Routing};
@@ -26,7 +26,7 @@ pub struct Published {
     /// What is shed first.
     pub priority: Priority,
     /// The complete `event` frame.
-    pub frame: Utf8Bytes,
+    pub frame: Bytes,
     /// When the bus accepted it (for the latency histogram).
     pub published_at: Instant,
 }
@@ -94,16 +94,22 @@ impl LocalBus {
             return Err(BusError::Overloaded { capacity: self.capacity });
         }
         let now = Instant::now();
-        let mut ids = Vec::with_capacity(bodies.len());
-        for (event, json) in bodies {
-            let id = MessageId { epoch: seq.epoch, seq: seq.next_seq };
-            seq.next_seq += 1;
-            let frame = protocol::encode_event(&id.to_string(), &timestamp, &json);
-            let priority = event.routing.priority();
-            let published = Arc::new(Published { id, routing: event.routing, priority, frame, published_at: now });
-            // Capacity was checked under the lock, and only this function sends.
+        let ready: Vec<Arc<Published>> = bodies
+            .into_iter()
+            .map(|(event, json)| {
+                let id = MessageId { epoch: seq.epoch, seq: seq.next_seq };
+                seq.next_seq += 1;
+                let frame = protocol::encode_event(&id.to_string(), &timestamp, &json);
+                let priority = event.routing.priority();
+                Arc::new(Published { id, routing: event.routing, priority, frame, published_at: now })
+            })
+            .collect();
+        // Sent back to back, so the dispatcher tends to take the whole batch in one go (and each
+        // connection writes it in one syscall). Capacity was checked under the lock, and only
+        // this function sends.
+        let ids = ready.iter().map(|p| p.id).collect();
+        for published in ready {
             self.tx.try_send(published).map_err(|_| BusError::Closed)?;
-            ids.push(id);
         }
         Ok(ids)
     }

@@ -94,10 +94,15 @@ fn oversized_filters_are_refused() {
 
 #[test]
 fn mandatory_labels_are_added_and_never_widened() {
-    let mandatory: BTreeMap<String, String> = [("tenant".to_owned(), "acme".to_owned())].into();
+    let mandatory = vec![("tenant".to_owned(), "acme".to_owned())];
     let f = SubscriptionFilter::from_spec(&spec(json!({}))).expect("ok");
     let eff = f.with_mandatory_labels(&mandatory).expect("ok");
-    assert_eq!(eff.to_spec().labels, mandatory);
+    assert_eq!(eff.to_spec().labels, mandatory.iter().cloned().collect::<BTreeMap<_, _>>());
+    // Several mandatory labels merge into the client's own, in label order.
+    let two = vec![("region".to_owned(), "eu".to_owned()), ("tenant".to_owned(), "acme".to_owned())];
+    let f = SubscriptionFilter::from_spec(&spec(json!({"labels": {"team": "core", "env": "prod"}}))).expect("ok");
+    let eff = f.with_mandatory_labels(&two).expect("ok").to_spec().labels;
+    assert_eq!(eff.keys().collect::<Vec<_>>(), ["env", "region", "team", "tenant"]);
 
     let same = SubscriptionFilter::from_spec(&spec(json!({"labels": {"tenant": "acme"}}))).expect("ok");
     assert!(same.with_mandatory_labels(&mandatory).is_ok());

@@ -1,39 +1,36 @@
-//! `GET /ws`: the upgrade. Runs only after the authentication layer accepted the token; sets the
-//! frame limits, selects the `incident-stream.v1` subprotocol when offered, and hands the socket
-//! and the principal to a session.
+//! `GET /ws`: the upgrade. Runs only after the authentication layer accepted the token; checks
+//! the handshake, selects the `incident-stream.v1` subprotocol when offered, answers 101 and
+//! hands the upgraded connection and the principal to a session.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{ConnectInfo, State};
-use axum::http::StatusCode;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Extension;
+use hyper_util::rt::TokioIo;
 
 use super::error::ApiError;
 use super::AppState;
 use crate::auth::Principal;
 use crate::protocol::SUBPROTOCOL;
 use crate::session::{self, SessionContext};
+use crate::ws::{handshake, WebSocket};
 
-/// Client read buffer: small, because most client frames are tiny and there may be many
-/// thousands of idle connections.
-const READ_BUFFER_BYTES: usize = 4096;
-/// The WebSocket layer reads whole messages up to this multiple of `max_frame_bytes`, so the
+/// Client messages up to this multiple of `max_frame_bytes` are read and discarded, so the
 /// session can refuse an oversized one with a clean 1009 close (the bytes were consumed, so no
 /// reset cuts the close frame off). Beyond it the connection is dropped at once.
 const HARD_CAP_FACTOR: usize = 4;
-/// Writes are batched up to this many bytes before a syscall.
-const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 
 pub(crate) async fn upgrade(
     State(state): State<Arc<AppState>>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    Extension(principal): Extension<Principal>,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    mut req: Request,
 ) -> Response {
+    let Some(principal) = req.extensions_mut().remove::<Principal>() else {
+        // The authentication layer always inserts it; without it nothing may pass.
+        return ApiError::new(StatusCode::UNAUTHORIZED, "token_missing", "no verified principal").into_response();
+    };
     let mandatory = match state.auth.mandatory_labels(&principal) {
         Ok(m) => m,
         Err(e) => {
@@ -42,11 +39,15 @@ pub(crate) async fn upgrade(
             return ApiError::from(&e).into_response();
         }
     };
-    let upgrade = match upgrade {
-        Ok(u) => u,
+    let accepted = match handshake::check(req.method(), req.version(), req.headers(), SUBPROTOCOL) {
+        Ok(a) => a,
         Err(e) => {
-            return ApiError::new(StatusCode::BAD_REQUEST, "not_a_websocket_upgrade", e.body_text()).into_response()
+            return ApiError::new(StatusCode::BAD_REQUEST, "not_a_websocket_upgrade", e.to_string()).into_response()
         }
+    };
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return ApiError::new(StatusCode::BAD_REQUEST, "not_a_websocket_upgrade", "connection cannot be upgraded")
+            .into_response();
     };
     let ctx = SessionContext {
         hub: Arc::clone(&state.hub),
@@ -58,11 +59,28 @@ pub(crate) async fn upgrade(
         mandatory,
         remote,
     };
-    upgrade
-        .protocols([SUBPROTOCOL])
-        .max_frame_size(state.max_frame_bytes * HARD_CAP_FACTOR)
-        .max_message_size(state.max_frame_bytes * HARD_CAP_FACTOR)
-        .read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(WRITE_BUFFER_BYTES)
-        .on_upgrade(move |socket| session::run(socket, ctx))
+    let max = state.max_frame_bytes;
+    // Boxed: the task keeps what it captured for its whole life; the session takes the context
+    // out of the box (freeing it) when it starts.
+    let ctx = Box::new(ctx);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let socket = WebSocket::new(TokioIo::new(upgraded), max, max.saturating_mul(HARD_CAP_FACTOR));
+                session::run(socket, ctx).await;
+            }
+            Err(e) => tracing::debug!(remote = %remote, error = %e, "upgrade did not complete"),
+        }
+    });
+    let mut res = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let h = res.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(v) = HeaderValue::from_str(&accepted.accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if let Some(p) = accepted.protocol {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
+    }
+    res
 }

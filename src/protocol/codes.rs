@@ -57,6 +57,10 @@ pub enum CloseCode {
     Normal,
     /// 1001: the server is shutting down. Reconnect after `reconnect_after_ms`.
     GoingAway,
+    /// 1002: the client broke the WebSocket framing rules. Fix the client.
+    ProtocolError,
+    /// 1007: a text message or close reason that is not UTF-8. Fix the client.
+    InvalidPayload,
     /// 1008: policy violation. Do not reconnect unchanged.
     PolicyViolation,
     /// 1009: a frame larger than `max_frame_bytes`. Do not resend it.
@@ -81,6 +85,8 @@ impl CloseCode {
         match self {
             CloseCode::Normal => 1000,
             CloseCode::GoingAway => 1001,
+            CloseCode::ProtocolError => 1002,
+            CloseCode::InvalidPayload => 1007,
             CloseCode::PolicyViolation => 1008,
             CloseCode::MessageTooBig => 1009,
             CloseCode::InternalError => 1011,
@@ -116,6 +122,10 @@ pub enum CloseReason {
     RefreshMismatch,
     /// A frame exceeded `max_frame_bytes`.
     FrameTooLarge,
+    /// The client broke the WebSocket framing rules (unmasked frame, reserved bits, bad opcode…).
+    ProtocolViolation,
+    /// A text message that is not valid UTF-8.
+    InvalidUtf8,
     /// The server failed internally for this session.
     Internal,
 }
@@ -132,6 +142,8 @@ impl CloseReason {
             CloseReason::TokenExpired => "token_expired",
             CloseReason::RefreshMismatch => "token_invalid",
             CloseReason::FrameTooLarge => "frame_too_large",
+            CloseReason::ProtocolViolation => "protocol_error",
+            CloseReason::InvalidUtf8 => "invalid_utf8",
             CloseReason::Internal => "internal_error",
         }
     }
@@ -147,6 +159,8 @@ impl CloseReason {
             CloseReason::TokenExpired => CloseCode::TokenExpired,
             CloseReason::RefreshMismatch => CloseCode::AccessRevoked,
             CloseReason::FrameTooLarge => CloseCode::MessageTooBig,
+            CloseReason::ProtocolViolation => CloseCode::ProtocolError,
+            CloseReason::InvalidUtf8 => CloseCode::InvalidPayload,
             CloseReason::Internal => CloseCode::InternalError,
         }
     }

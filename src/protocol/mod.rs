@@ -10,7 +10,7 @@ mod codes;
 
 use std::collections::BTreeMap;
 
-use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -275,7 +275,7 @@ impl ServerMessage {
 /// Builds the `event` frame once per event:
 /// `{"type":"event","message_id":…,"timestamp":…,"event":{…}}`, around the event object already
 /// serialized as JSON. `message_id` and `timestamp` are JSON-escaped here.
-pub fn encode_event(message_id: &str, timestamp: &str, event_json: &str) -> Utf8Bytes {
+pub fn encode_event(message_id: &str, timestamp: &str, event_json: &str) -> Bytes {
     let id = Value::String(message_id.to_owned());
     let ts = Value::String(timestamp.to_owned());
     let mut out = String::with_capacity(event_json.len() + message_id.len() + timestamp.len() + 64);
@@ -286,7 +286,7 @@ pub fn encode_event(message_id: &str, timestamp: &str, event_json: &str) -> Utf8
     out.push_str(r#","event":"#);
     out.push_str(event_json);
     out.push('}');
-    Utf8Bytes::from(out)
+    Bytes::from(out)
 }
 
 #[cfg(test)]
@@ -379,7 +379,7 @@ mod tests {
         ev.insert("event_type".into(), json!("incident_created"));
         ev.insert("incident".into(), json!({"id": "x"}));
         let frame = encode_event("1-1", "2025-11-12T10:35:00Z", &Value::Object(ev).to_string());
-        let v: Value = serde_json::from_str(&frame).expect("json");
+        let v: Value = serde_json::from_slice(&frame).expect("json");
         assert_eq!(
             v,
             json!({"type": "event", "message_id": "1-1", "timestamp": "2025-11-12T10:35:00Z",
