@@ -6,8 +6,8 @@
 #   scripts/bench.sh                 # every scenario
 #   scripts/bench.sh fanout-1k idle  # only scenarios whose name starts with these words
 #   RUNS=1 scripts/bench.sh guard    # quick look
-#   PROFILE=1 RUNS=1 scripts/bench.sh fanout-10k   # also a perf profile of the server, per scenario,
-#                                    # summarised in target/bench/profile-NAME.txt
+#   PROFILE=1 RUNS=1 scripts/bench.sh fanout-10k   # also a perf profile of the server per scenario:
+#                                    # target/bench/profile-NAME.txt (symbols), profile-NAME.md (grouped)
 #
 # Only loopback addresses are used; every process started here is stopped by its PID.
 set -euo pipefail
@@ -104,8 +104,10 @@ scenario() {
     $LOADGEN --addr "$ADDR" "${tlsargs[@]}" --server-pid "$SERVER_PID" --name "$name" "$@" 2>/dev/null >> "$RESULTS"
     if [ -n "$perf_pid" ]; then
       kill -INT "$perf_pid"; wait "$perf_pid" || true
-      perf report -i "$OUT/$name.perf.data" --no-children --sort dso,symbol --percent-limit 0.7 --stdio 2>/dev/null \
-        | grep -v '^$' > "$OUT/profile-$name.txt" || true
+      perf report -i "$OUT/$name.perf.data" --no-children --sort dso,symbol --stdio 2>/dev/null \
+        > "$OUT/profile-$name.txt" || true
+      us=$(tail -1 "$RESULTS" | python3 -c 'import json,sys; print(json.load(sys.stdin).get("server_cpu_us_per_delivery") or 0)')
+      scripts/profile_summary.py --us-per-delivery "$us" < "$OUT/profile-$name.txt" > "$OUT/profile-$name.md"
     fi
     stop_server
   done
