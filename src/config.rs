@@ -73,6 +73,48 @@ pub struct Config {
     pub log: LogConfig,
     /// The `/metrics` endpoint.
     pub metrics: MetricsConfig,
+    /// The audit log.
+    pub audit: AuditConfig,
+}
+
+/// `[audit]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Record security-relevant facts (on by default).
+    pub enabled: bool,
+    /// The active file; rotated files sit beside it as `<path>.<first seq>`.
+    pub path: PathBuf,
+    /// Refuse new connections (503 `audit_unavailable`) while the log cannot be written, and
+    /// let a connection in only once its `connection.accepted` record is written.
+    pub fail_closed: bool,
+    /// Written records are fsynced at most this long after their write (and at rotation and
+    /// shutdown).
+    pub fsync_interval_ms: u64,
+    /// While the sink is down, how often the writer tries again.
+    pub retry_interval_ms: u64,
+    /// The active file is rotated before it would grow past this size.
+    pub max_file_bytes: u64,
+    /// Records waiting for the writer.
+    pub queue_capacity: usize,
+    /// Records held in memory while the sink is down; beyond this they are dropped and counted
+    /// (`audit_records_dropped_total`).
+    pub max_pending_records: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            enabled: true,
+            path: PathBuf::from("audit/audit.log"),
+            fail_closed: true,
+            fsync_interval_ms: 1000,
+            retry_interval_ms: 1000,
+            max_file_bytes: 100 << 20,
+            queue_capacity: 65536,
+            max_pending_records: 100_000,
+        }
+    }
 }
 
 /// `[metrics]`
@@ -465,6 +507,11 @@ impl Config {
         at_least("websocket.messages_per_second", u64::from(w.messages_per_second), 1)?;
         at_least("websocket.message_burst", u64::from(w.message_burst), 1)?;
         at_least("publish.max_batch", self.publish.max_batch as u64, 1)?;
+        at_least("audit.fsync_interval_ms", self.audit.fsync_interval_ms, 1)?;
+        at_least("audit.retry_interval_ms", self.audit.retry_interval_ms, 10)?;
+        at_least("audit.max_file_bytes", self.audit.max_file_bytes, 4096)?;
+        at_least("audit.queue_capacity", self.audit.queue_capacity as u64, 16)?;
+        at_least("audit.max_pending_records", self.audit.max_pending_records as u64, 16)?;
         at_least("publish.max_body_bytes", self.publish.max_body_bytes as u64, 256)?;
         if self.publish.max_batch > w.broadcast_capacity {
             return Err(ConfigError::Invalid {

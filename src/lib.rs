@@ -19,9 +19,11 @@
 //! - [`tls`]: rustls configuration, dev certificates, live certificate reload.
 //! - [`listener`]: the first-byte deadline on accepted connections.
 //! - [`metrics`]: the Prometheus registry.
+//! - [`audit`]: the hash-chained audit log, its writer task, verification and queries.
 //!
 //! See `docs/ARCHITECTURE.md` for the map and the invariants.
 
+pub mod audit;
 pub mod auth;
 pub mod bus;
 pub mod config;

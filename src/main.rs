@@ -1,5 +1,5 @@
-//! The `incident-stream` command line: `serve` (the default), `certs generate`, `token` (mint a
-//! dev token).
+//! The `incident-stream` command line: `serve` (the default), `certs generate`, `policy check`,
+//! `audit verify` and `audit query`, `token` (mint a dev token).
 //! Parsing arguments, loading the configuration and wiring signals live here; everything else is
 //! in the library.
 
@@ -35,6 +35,11 @@ enum Command {
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
+    },
+    /// The audit log: verify its hash chain, query its records.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
     },
     /// Mint a token with a configured HS key (for development and the walkthrough).
     Token {
@@ -76,6 +81,111 @@ enum PolicyCommand {
         /// The directory (default: `[policies] dir` of the configuration).
         dir: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Walk the hash chain across the given files (any order; default: the configured log and
+    /// its rotated files). Exit 0 with a count, or 1 naming the first bad seq and what is wrong.
+    Verify {
+        /// Audit files (the active one and rotated ones).
+        files: Vec<PathBuf>,
+        /// Accept a log that does not start at seq 1 (earlier files archived or deleted).
+        #[arg(long)]
+        partial: bool,
+    },
+    /// Print the records that match every given condition, as JSON lines, across rotated files.
+    Query {
+        /// The active audit file (default: `[audit] path` of the configuration).
+        #[arg(long)]
+        path: Option<PathBuf>,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        subject: Option<String>,
+        /// A record kind, e.g. connection.rejected.
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long)]
+        session: Option<String>,
+        /// RFC 3339, inclusive.
+        #[arg(long)]
+        since: Option<String>,
+        /// RFC 3339, exclusive.
+        #[arg(long)]
+        until: Option<String>,
+    },
+}
+
+fn audit_verify(config: &Config, files: Vec<PathBuf>, partial: bool) -> Result<bool> {
+    use incident_stream::audit;
+    let files = if files.is_empty() {
+        audit::log_files(&config.audit.path)?.into_iter().map(|(p, _)| p).collect()
+    } else {
+        audit::chain_order(&files)
+    };
+    if files.is_empty() {
+        bail!("no audit files at {}", config.audit.path.display());
+    }
+    match audit::verify(&files, partial)? {
+        Ok(v) => {
+            match &v.span {
+                Some((first, last)) => println!(
+                    "ok: {} records in {} file(s), seq {first}..{}, last hash {}",
+                    v.records, v.files, last.seq, last.hash
+                ),
+                None => println!("ok: no records in {} file(s)", v.files),
+            }
+            Ok(true)
+        }
+        Err(broken) => {
+            println!("FAILED: {broken}");
+            Ok(false)
+        }
+    }
+}
+
+struct QueryArgs {
+    path: Option<PathBuf>,
+    tenant: Option<String>,
+    subject: Option<String>,
+    kind: Option<String>,
+    session: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+}
+
+fn audit_query(config: &Config, a: QueryArgs) -> Result<()> {
+    use incident_stream::audit;
+    use std::io::Write;
+    let q = audit::Query {
+        tenant: a.tenant,
+        subject: a.subject,
+        session_id: a.session,
+        kind: a.kind.as_deref().map(audit::parse_kind).transpose()?,
+        since: a.since.as_deref().map(|s| audit::parse_time("since", s)).transpose()?,
+        until: a.until.as_deref().map(|s| audit::parse_time("until", s)).transpose()?,
+        after_seq: None,
+    };
+    let path = a.path.unwrap_or_else(|| config.audit.path.clone());
+    let files = audit::log_files(&path)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut failed = None;
+    audit::query_files(&files, &q, |line, _| match writeln!(out, "{line}") {
+        Ok(()) => true,
+        Err(e) => {
+            failed = Some(e);
+            false
+        }
+    })?;
+    if let Some(e) = failed {
+        // A closed pipe (`| head`) is a normal end.
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return Err(e.into());
+        }
+    }
+    let _ = out.flush();
+    Ok(())
 }
 
 fn load_config(path: Option<&PathBuf>) -> Result<Config> {
@@ -256,6 +366,16 @@ fn run() -> Result<()> {
             let tenants: Vec<String> = set.tenants().map(ToString::to_string).collect();
             println!("{}: ok, {} tenants: {}", dir.display(), tenants.len(), tenants.join(", "));
             Ok(())
+        }
+        Command::Audit { command: AuditCommand::Verify { files, partial } } => {
+            if audit_verify(&config, files, partial)? {
+                Ok(())
+            } else {
+                std::process::exit(1);
+            }
+        }
+        Command::Audit { command: AuditCommand::Query { path, tenant, subject, kind, session, since, until } } => {
+            audit_query(&config, QueryArgs { path, tenant, subject, kind, session, since, until })
         }
         Command::Token { tenant, sub, roles, ttl, kid } => {
             println!("{}", mint(&config, &tenant, &sub, &roles, &ttl, kid.as_deref())?);

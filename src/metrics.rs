@@ -38,6 +38,14 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     /// Rate-limit refusals, by scope.
     pub rate_limited: IntCounterVec,
+    /// Audit records written, by kind.
+    pub audit_records: IntCounterVec,
+    /// Failed writes (and fsyncs) of the audit log.
+    pub audit_write_errors: IntCounter,
+    /// Audit records dropped because the sink was down and the in-memory backlog was full.
+    pub audit_dropped: IntCounter,
+    /// Audit records waiting for the writer (queued and held while the sink is down).
+    pub audit_queue_depth: IntGauge,
 }
 
 /// The reasons `auth_failures_total` is labelled with; all pre-registered at zero.
@@ -134,6 +142,20 @@ impl Metrics {
                 "scope",
                 RATE_LIMIT_SCOPES,
             )?,
+            audit_records: counter_vec(
+                &r,
+                "audit_records_total",
+                "Audit records written by kind",
+                "kind",
+                &crate::audit::Kind::ALL.map(crate::audit::Kind::as_str),
+            )?,
+            audit_write_errors: counter(&r, "audit_write_errors_total", "Failed writes of the audit log")?,
+            audit_dropped: counter(
+                &r,
+                "audit_records_dropped_total",
+                "Audit records dropped: sink down and in-memory backlog full",
+            )?,
+            audit_queue_depth: gauge(&r, "audit_queue_depth", "Audit records waiting to be written")?,
             registry: r,
         })
     }

@@ -17,6 +17,7 @@ use crate::listener::FirstByteTimeout;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::audit::{AuditLog, AuditWriter};
 use crate::auth::{Authenticator, KeyError};
 use crate::bus::{LocalBus, Published};
 use crate::config::{Config, ConfigError};
@@ -43,6 +44,9 @@ pub enum ServerError {
     /// The tenant policies are invalid.
     #[error("policies: {0}")]
     Policy(#[from] crate::policy::PolicyError),
+    /// The audit log could not be opened.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
     /// Metrics could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -116,6 +120,7 @@ pub struct Server {
     config: Config,
     state: Arc<AppState>,
     bus_rx: mpsc::Receiver<Arc<Published>>,
+    audit_writer: Option<AuditWriter>,
 }
 
 /// The routes and background tasks of a server mounted in someone else's axum app.
@@ -123,13 +128,16 @@ pub struct Embedded {
     /// Merge this into the host app (it needs `into_make_service_with_connect_info::<SocketAddr>()`).
     pub router: Router,
     hub: Arc<Hub>,
+    audit: AuditLog,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Embedded {
-    /// Closes every session with `closing` (1001) and stops the background tasks.
+    /// Closes every session with `closing` (1001), writes the last audit records and stops the
+    /// background tasks.
     pub async fn shutdown(self, grace: Duration) {
         drain(&self.hub, grace).await;
+        self.audit.shutdown().await;
         for t in self.tasks {
             t.abort();
         }
@@ -142,6 +150,7 @@ pub struct Running {
     tls: bool,
     handle: axum_server::Handle<SocketAddr>,
     hub: Arc<Hub>,
+    audit: AuditLog,
     serve: JoinHandle<std::io::Result<()>>,
     tasks: Vec<JoinHandle<()>>,
     grace: Duration,
@@ -177,6 +186,8 @@ impl Running {
     pub async fn shutdown(self) -> Result<(), ServerError> {
         self.handle.graceful_shutdown(Some(self.grace));
         drain(&self.hub, self.grace).await;
+        // After the sessions: their `connection.closed` records are the last ones written.
+        self.audit.shutdown().await;
         for t in &self.tasks {
             t.abort();
         }
@@ -211,6 +222,7 @@ impl Server {
         let metrics = Arc::new(Metrics::new()?);
         let auth = Arc::new(Authenticator::new(&config.auth, env)?);
         let policies = Arc::new(crate::policy::PolicySet::load_dir(&config.policies.dir)?);
+        let (audit, audit_writer) = AuditLog::open(&config.audit, Arc::clone(&metrics))?;
         let ws = &config.websocket;
         let hub = Arc::new(Hub::new(Arc::clone(&metrics), ws.max_pending_messages));
         let (bus, bus_rx) = LocalBus::new(ws.broadcast_capacity);
@@ -233,12 +245,14 @@ impl Server {
             auth,
             policies,
             metrics,
+            audit,
+            audit_path: config.audit.enabled.then(|| config.audit.path.clone()),
             sessions,
             publish: config.publish.clone(),
             metrics_require_token: config.metrics.require_token,
             max_frame_bytes: config.server.max_frame_bytes,
         });
-        Ok(Server { config, state, bus_rx })
+        Ok(Server { config, state, bus_rx, audit_writer })
     }
 
     /// The configuration in force.
@@ -260,14 +274,19 @@ impl Server {
                 "websocket.enable_compression is set, but permessage-deflate is not supported: frames are sent uncompressed"
             );
         }
-        (self.config, self.state, vec![dispatcher, cleanup])
+        let mut tasks = vec![dispatcher, cleanup];
+        if let Some(w) = self.audit_writer {
+            tasks.push(tokio::spawn(w.run()));
+        }
+        (self.config, self.state, tasks)
     }
 
     /// Starts the background tasks and returns the routes for mounting in an existing app.
     pub fn embed(self) -> Embedded {
         let (_, state, tasks) = self.spawn_tasks();
         let hub = Arc::clone(&state.hub);
-        Embedded { router: http::router(state), hub, tasks }
+        let audit = state.audit.clone();
+        Embedded { router: http::router(state), hub, audit, tasks }
     }
 
     /// Binds the configured address and serves: TLS by default, plain HTTP only when
@@ -290,6 +309,7 @@ impl Server {
         let local_addr = listener.local_addr().map_err(io)?;
         let (config, state, mut tasks) = self.spawn_tasks();
         let hub = Arc::clone(&state.hub);
+        let audit = state.audit.clone();
         let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
         let handle = axum_server::Handle::new();
         let mut server = axum_server::from_tcp(listener).map_err(io)?.handle(handle.clone());
@@ -325,6 +345,7 @@ impl Server {
             tls: config.tls.enabled,
             handle,
             hub,
+            audit,
             serve,
             tasks,
             grace: Duration::from_secs(config.server.shutdown_grace_secs),
@@ -350,6 +371,7 @@ mod tests {
         let mut config = Config::default();
         config.websocket.broadcast_capacity = 3;
         config.publish.max_batch = 3;
+        config.audit.enabled = false;
         config.auth.keys = vec![KeyConfig {
             kid: "k".into(),
             algorithm: "HS256".into(),

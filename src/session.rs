@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
+use crate::audit::{AuditLog, Kind, Record};
 use crate::auth::{Authenticator, Principal};
 use crate::bus::Published;
 use crate::event::MessageId;
@@ -58,15 +59,21 @@ pub(crate) struct SessionSettings {
 
 /// Everything a session needs, handed over by the upgrade handler.
 pub(crate) struct SessionContext {
+    /// The id sent in `welcome` (already in the `connection.accepted` record).
+    pub(crate) session_id: String,
     pub(crate) hub: Arc<Hub>,
     pub(crate) auth: Arc<Authenticator>,
     pub(crate) policies: Arc<crate::policy::PolicySet>,
     pub(crate) metrics: Arc<Metrics>,
+    pub(crate) audit: AuditLog,
     pub(crate) settings: Arc<SessionSettings>,
     pub(crate) principal: Principal,
     /// Labels every subscription must carry (`tenant` and any mapped claims).
     pub(crate) mandatory: Vec<(String, String)>,
     pub(crate) remote: SocketAddr,
+    /// For the audit records' common fields.
+    pub(crate) user_agent: Option<Box<str>>,
+    pub(crate) origin: Option<Box<str>>,
 }
 
 /// How a session ends.
@@ -125,6 +132,10 @@ struct Session {
     /// subscriptions before they are written.
     recheck_until: Option<MessageId>,
     batch: Vec<Arc<Published>>,
+    /// For `connection.closed`: application messages received, events written, events lost.
+    received: u64,
+    delivered: u64,
+    dropped: u64,
 }
 
 /// Runs a session to its end. Setup happens here, synchronously, so the returned future (which
@@ -135,7 +146,7 @@ struct Session {
 pub(crate) fn run(mut socket: Socket, ctx: Box<SessionContext>) -> impl Future<Output = ()> + Send {
     let mut ctx = *ctx;
     let conn = ctx.hub.register(
-        uuid::Uuid::new_v4().to_string(),
+        std::mem::take(&mut ctx.session_id),
         ctx.principal.tenant.clone(),
         ctx.principal.subject.clone(),
         ctx.remote,
@@ -180,6 +191,9 @@ pub(crate) fn run(mut socket: Socket, ctx: Box<SessionContext>) -> impl Future<O
         last_message: Instant::now(),
         recheck_until: None,
         batch: Vec::new(),
+        received: 0,
+        delivered: 0,
+        dropped: 0,
         ctx,
     };
     async move {
@@ -196,30 +210,44 @@ impl Session {
     /// Ends the session: the close handshake the ending calls for, TLS close_notify, then the
     /// hub forgets it.
     async fn finish(&mut self, socket: &mut Socket, end: End, registration: Registration) {
-        let code = match end {
+        let (code, reason) = match end {
             End::Close(reason) => {
                 self.close(socket, reason).await;
-                Some(reason.close_code().code())
+                (Some(reason.close_code().code()), reason.as_str())
             }
             End::ClientGone(code) => {
                 // The reply to the client's close is queued; push it out.
                 if tokio::time::timeout(self.ctx.settings.close_timeout, socket.flush()).await.is_err() {
                     tracing::debug!(session_id = %self.conn.session_id, "close reply not flushed in time");
                 }
-                code
+                (code, if code.is_some() { "client_closed" } else { "connection_lost" })
             }
-            End::Abort => None,
+            End::Abort => (None, "aborted"),
         };
+        // Whatever was still queued or lost unreported never reached the client.
+        let mut nothing = Vec::new();
+        let left = self.conn.outbox.len() as u64;
+        let unreported = self.conn.outbox.drain(&mut nothing, 0).lagged.map_or(0, |(n, _)| n);
+        self.dropped += left + unreported;
         if code.is_some() {
             // Ends TLS with close_notify, so a client can tell a clean end from a cut connection.
             let _ = tokio::time::timeout(self.ctx.settings.close_timeout, socket.shutdown()).await;
         }
-        let duration = registration.started.elapsed().as_secs_f64();
+        let elapsed = registration.started.elapsed();
         drop(registration);
         tracing::info!(
             session_id = %self.conn.session_id, tenant = %self.conn.tenant, subject = %self.conn.subject,
-            close_code = code, duration_secs = duration, "session closed"
+            close_code = code, reason, duration_secs = elapsed.as_secs_f64(), "session closed"
         );
+        let record = self
+            .audit_record(Kind::ConnectionClosed)
+            .reason(reason)
+            .field("close_code", code)
+            .field("duration_ms", u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+            .field("messages_received", self.received)
+            .field("events_delivered", self.delivered)
+            .field("events_dropped", self.dropped);
+        self.ctx.audit.record(record).await;
     }
 
     async fn main_loop(&mut self, socket: &mut Socket) -> End {
@@ -281,6 +309,7 @@ impl Session {
             batch.clear();
             let d = self.conn.outbox.drain(&mut batch, BATCH);
             if let Some((dropped, first)) = d.lagged {
+                self.dropped += dropped;
                 Box::pin(self.send(socket, ServerMessage::Lagged { dropped, since_message_id: first.to_string() }))
                     .await?;
             }
@@ -369,6 +398,7 @@ impl Session {
         let n = batch.len() as u64;
         match &r {
             Ok(()) => {
+                self.delivered += n;
                 metrics.events_delivered.inc_by(n);
                 metrics.messages_sent.inc_by(n);
                 for ev in batch {
@@ -397,21 +427,51 @@ impl Session {
         self.send(socket, ServerMessage::from_error(e)).await
     }
 
-    /// Applies the per-connection message rate; persistent violation closes with 4029.
-    fn admit(&mut self) -> Result<bool, End> {
+    /// Applies the per-connection message rate; persistent violation closes with 4029. The
+    /// first refusal of a window is audited (`rate_limit.tripped`), not every one.
+    async fn admit(&mut self) -> Result<bool, End> {
         if self.limiter.check().is_ok() {
             return Ok(true);
         }
         self.ctx.metrics.rate_limited.with_label_values(&["message"]).inc();
-        if self.refusal_window.elapsed() > REFUSAL_WINDOW {
+        if self.refusals == 0 || self.refusal_window.elapsed() > REFUSAL_WINDOW {
             self.refusal_window = Instant::now();
             self.refusals = 0;
+            let record = self
+                .audit_record(Kind::RateLimitTripped)
+                .reason("rate_limited")
+                .field("scope", "message")
+                .field("limit_per_second", self.ctx.settings.messages_per_second.get())
+                .field("burst", self.ctx.settings.message_burst.get());
+            self.ctx.audit.record(record).await;
         }
         self.refusals += 1;
         if self.refusals >= PERSISTENT_REFUSALS {
             return Err(End::Close(CloseReason::RateLimited));
         }
         Ok(false)
+    }
+
+    /// A record with this session's common fields.
+    fn audit_record(&self, kind: Kind) -> Record {
+        Record::new(kind)
+            .session(self.conn.session_id.clone())
+            .tenant(self.conn.tenant.to_string())
+            .subject(self.conn.subject.clone())
+            .token_id(self.ctx.principal.token_id.clone())
+            .remote(self.conn.remote)
+            .user_agent(self.ctx.user_agent.as_deref())
+            .origin(self.ctx.origin.as_deref())
+    }
+
+    /// Answers a refused subscribe and audits it.
+    async fn refuse_subscription(&mut self, socket: &mut Socket, e: ProtocolError) -> Result<(), End> {
+        let record = self
+            .audit_record(Kind::SubscriptionRejected)
+            .reason(e.code.as_str())
+            .field("subscription_id", e.subscription_id.clone());
+        self.ctx.audit.record(record).await;
+        self.client_error(socket, e).await
     }
 
     async fn on_message(&mut self, socket: &mut Socket, msg: Message) -> Result<(), End> {
@@ -425,13 +485,14 @@ impl Session {
             Message::Close(code) => return Err(End::ClientGone(code)),
         };
         self.ctx.metrics.messages_received.inc();
+        self.received += 1;
         if size > self.ctx.settings.max_frame_bytes {
             self.ctx.metrics.connection_errors.inc();
             return Err(End::Close(CloseReason::FrameTooLarge));
         }
         self.last_message = Instant::now();
         self.conn.touch(&self.ctx.hub);
-        if !self.admit()? {
+        if !self.admit().await? {
             let e = ProtocolError {
                 code: ErrorCode::RateLimited,
                 message: format!(
@@ -472,12 +533,12 @@ impl Session {
                 let id = sub.subscription_id;
                 if sub.resume_from.is_some() {
                     let e = err(ErrorCode::NotSupported, "resume_from is not supported yet".into(), Some(&id));
-                    return self.client_error(socket, e).await;
+                    return self.refuse_subscription(socket, e).await;
                 }
                 if self.subs.iter().any(|(k, _)| *k == id) {
                     let e =
                         err(ErrorCode::DuplicateSubscription, format!("subscription `{id}` already exists"), Some(&id));
-                    return self.client_error(socket, e).await;
+                    return self.refuse_subscription(socket, e).await;
                 }
                 if self.subs.len() >= self.ctx.settings.max_subscriptions {
                     let e = err(
@@ -485,7 +546,7 @@ impl Session {
                         format!("at most {} subscriptions per connection", self.ctx.settings.max_subscriptions),
                         Some(&id),
                     );
-                    return self.client_error(socket, e).await;
+                    return self.refuse_subscription(socket, e).await;
                 }
                 let filter =
                     SubscriptionFilter::from_spec(&sub.filters).and_then(|f| f.with_mandatory_labels(&self.mandatory));
@@ -496,7 +557,7 @@ impl Session {
                             FilterError::ForbiddenLabel { .. } => ErrorCode::ForbiddenFilter,
                             _ => ErrorCode::InvalidFilter,
                         };
-                        return self.client_error(socket, err(code, fe.to_string(), Some(&id))).await;
+                        return self.refuse_subscription(socket, err(code, fe.to_string(), Some(&id))).await;
                     }
                 };
                 let effective = filter.to_spec();
@@ -504,6 +565,11 @@ impl Session {
                 self.subs.push((id.clone(), Arc::new(filter)));
                 self.publish_filters();
                 tracing::debug!(session_id = %self.conn.session_id, subscription_id = %id, "subscribed");
+                let record = self
+                    .audit_record(Kind::SubscriptionCreated)
+                    .field("subscription_id", id.clone())
+                    .field("filters", serde_json::to_value(&effective).unwrap_or_default());
+                self.ctx.audit.record(record).await;
                 self.send(socket, ServerMessage::Subscribed { subscription_id: id, filters: effective }).await
             }
             ClientMessage::Unsubscribe(u) => {
@@ -519,6 +585,11 @@ impl Session {
                 if let Some(last) = self.conn.outbox.last_queued() {
                     self.recheck_until = Some(self.recheck_until.map_or(last, |r| r.max(last)));
                 }
+                let record = self
+                    .audit_record(Kind::SubscriptionRemoved)
+                    .reason("unsubscribed")
+                    .field("subscription_id", id.clone());
+                self.ctx.audit.record(record).await;
                 self.send(socket, ServerMessage::Unsubscribed { subscription_id: id }).await
             }
             ClientMessage::Ping(p) => {
@@ -537,6 +608,12 @@ impl Session {
         let current = &self.ctx.principal;
         match self.ctx.auth.verify(token).await {
             Err(e) => {
+                let record = self
+                    .audit_record(Kind::TokenRefreshed)
+                    .reason(e.code())
+                    .field("result", "refused")
+                    .field("presented_token_id", crate::auth::short_hash(token));
+                self.ctx.audit.record(record).await;
                 let e = ProtocolError {
                     code: ErrorCode::TokenInvalid,
                     message: format!("refresh refused: {}", e.code()),
@@ -552,6 +629,14 @@ impl Session {
                     || self.ctx.auth.mandatory_labels(&p).ok().as_ref() != Some(&self.mandatory) =>
             {
                 tracing::warn!(session_id = %self.conn.session_id, "refresh for another tenant or subject");
+                let record = self
+                    .audit_record(Kind::TokenRefreshed)
+                    .reason(CloseReason::RefreshMismatch.as_str())
+                    .field("result", "refused")
+                    .field("presented_token_id", p.token_id.clone())
+                    .field("presented_tenant", p.tenant.to_string())
+                    .field("presented_subject", p.subject.clone());
+                self.ctx.audit.record(record).await;
                 let e = ProtocolError {
                     code: ErrorCode::TokenInvalid,
                     message: "refresh token is for another issuer, tenant, subject or set of mandatory labels, \
@@ -568,7 +653,14 @@ impl Session {
                 self.expiry = deadline_for(p.expires_at, self.ctx.settings.leeway);
                 let expires_at = crate::time::rfc3339_from_unix(p.expires_at);
                 tracing::info!(session_id = %self.conn.session_id, token_id = %p.token_id, "token refreshed");
-                self.ctx.principal = p;
+                let previous = std::mem::replace(&mut self.ctx.principal, p).token_id;
+                let record = self
+                    .audit_record(Kind::TokenRefreshed)
+                    .reason("ok")
+                    .field("result", "ok")
+                    .field("previous_token_id", previous)
+                    .field("token_expires_at", expires_at.clone());
+                self.ctx.audit.record(record).await;
                 self.send(socket, ServerMessage::Refreshed { expires_at }).await
             }
         }
@@ -586,6 +678,7 @@ impl Session {
         let code = reason.close_code().code();
         tracing::info!(session_id = %self.conn.session_id, reason = reason.as_str(), code, "closing session");
         if let Some((dropped, first)) = lagged {
+            self.dropped += dropped;
             socket.queue_text(
                 ServerMessage::Lagged { dropped, since_message_id: first.to_string() }.to_text().as_bytes(),
             );

@@ -8,6 +8,13 @@ pub fn rfc3339_now() -> String {
     format_utc(OffsetDateTime::now_utc())
 }
 
+/// Now, as RFC 3339 UTC with exactly six fractional digits (fixed width, so audit timestamps
+/// sort as text too).
+pub fn rfc3339_micros_now() -> String {
+    let f = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
+    OffsetDateTime::now_utc().format(&f).unwrap_or_default()
+}
+
 /// A Unix time in seconds as RFC 3339 UTC (clamped to the representable range).
 pub fn rfc3339_from_unix(secs: u64) -> String {
     let secs = i64::try_from(secs).unwrap_or(i64::MAX);
@@ -34,5 +41,8 @@ mod tests {
         let now = rfc3339_now();
         assert!(now.ends_with('Z'), "{now}");
         assert!(OffsetDateTime::parse(&now, &Rfc3339).is_ok());
+        let micros = rfc3339_micros_now();
+        assert_eq!(micros.len(), "2026-12-01T00:00:00.000000Z".len(), "{micros}");
+        assert!(OffsetDateTime::parse(&micros, &Rfc3339).is_ok(), "{micros}");
     }
 }

@@ -141,12 +141,13 @@ fn the_binary_drains_and_exits_0_on_sigterm() {
         &cfg,
         format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_secs = 3\n[websocket]\nenable_compression = false\n\
-             [tls]\ncert = \"{dir}/server.crt\"\nkey = \"{dir}/server.key\"\ngenerate = true\n[policies]\ndir = \"{policies}\"\n\
+             [tls]\ncert = \"{dir}/server.crt\"\nkey = \"{dir}/server.key\"\ngenerate = true\n[policies]\ndir = \"{policies}\"\n[audit]\npath = \"{audit}\"\n\
              [[auth.keys]]\nkid = \"{}\"\nalgorithm = \"HS256\"\nsecret = \"{}\"\n",
             common::KID,
             common::SECRET,
             dir = dir.display(),
             policies = common::policies(&[("acme", true)]).display(),
+            audit = dir.join("audit/audit.log").display(),
         ),
     )
     .expect("config");

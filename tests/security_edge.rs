@@ -242,8 +242,8 @@ async fn metrics_can_require_a_metrics_token() {
     server.shutdown().await;
 }
 
-/// The binary with `allow_query_token` on: a token in the URL works and appears in no log line,
-/// accepted or refused.
+/// The binary with `allow_query_token` on: a token in the URL works and appears in no log line
+/// and no file the service wrote (the audit log included), accepted or refused.
 #[test]
 fn query_tokens_never_reach_the_logs() {
     let dir = common::dev_certs();
@@ -252,11 +252,12 @@ fn query_tokens_never_reach_the_logs() {
         &cfg,
         format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_secs = 2\n[websocket]\nenable_compression = false\n\
-             [tls]\ncert = \"{d}/server.crt\"\nkey = \"{d}/server.key\"\n[policies]\ndir = \"{policies}\"\n\
+             [tls]\ncert = \"{d}/server.crt\"\nkey = \"{d}/server.key\"\n[policies]\ndir = \"{policies}\"\n[audit]\npath = \"{audit}\"\n\
              [auth]\nallow_query_token = true\n[[auth.keys]]\nkid = \"{KID}\"\nalgorithm = \"HS256\"\nsecret = \"{SECRET}\"\n\
              [log]\nlevel = \"debug\"\n",
             d = dir.display(),
             policies = common::policies(&[("acme", true)]).display(),
+            audit = dir.join("audit/audit.log").display(),
         ),
     )
     .expect("config");
@@ -300,11 +301,36 @@ fn query_tokens_never_reach_the_logs() {
     let logs = String::from_utf8_lossy(&out.stderr);
     assert!(logs.contains("session opened"), "the accepted session is logged: {logs}");
     assert!(logs.contains("access_token=REDACTED"), "the refusal names the redacted URI: {logs}");
+    let audit = std::fs::read_to_string(dir.join("audit/audit.log")).expect("the audit log was written");
+    assert!(audit.contains("connection.accepted") && audit.contains("connection.rejected"), "{audit}");
+    let written = files_under(&dir);
+    assert!(written.len() >= 4, "certificates, config and audit log: {written:?}");
     for t in [&good, &expired] {
         let signature = t.rsplit('.').next().expect("signature");
         assert!(!logs.contains(signature), "a token leaked into the logs");
+        for (path, bytes) in &written {
+            let text = String::from_utf8_lossy(bytes);
+            assert!(!text.contains(signature), "a token leaked into {}", path.display());
+        }
     }
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Every file under `dir`, with its bytes.
+fn files_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).expect("read dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push((p.clone(), std::fs::read(&p).expect("read file")));
+            }
+        }
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

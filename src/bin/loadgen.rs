@@ -92,6 +92,10 @@ struct Args {
     /// Seconds to wait for the last deliveries after publishing stopped.
     #[arg(long, default_value_t = 5.0)]
     drain_secs: f64,
+    /// Read the server's /metrics before and after connecting, to report the audit records
+    /// written during the connection phase (and per second).
+    #[arg(long)]
+    scrape_audit: bool,
 }
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -318,6 +322,27 @@ async fn publisher(
     Ok(published)
 }
 
+/// The sum of `audit_records_total` over every kind, from the server's `/metrics`.
+async fn audit_records(ctx: &Ctx) -> Result<f64> {
+    let io = ctx.connect_io(None).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
+    tokio::spawn(conn);
+    let req = axum::http::Request::get("/metrics")
+        .header("host", "localhost")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let resp = sender.send_request(req).await?;
+    if !resp.status().is_success() {
+        bail!("/metrics answered {}", resp.status());
+    }
+    let body = http_body_util::BodyExt::collect(resp.into_body()).await?.to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("audit_records_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
 fn pct(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
@@ -378,6 +403,7 @@ async fn main() -> Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // Room for every connection: the spawn loop only reads readiness after spawning them all.
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(args.connections.max(1));
+    let audit0 = if args.scrape_audit { Some(audit_records(&ctx).await?) } else { None };
     let started = Instant::now();
     let cpu_hs0 = pid.and_then(|p| proc_cpu_secs(p, ticks_per_sec));
     let gate = Arc::new(tokio::sync::Semaphore::new(256));
@@ -411,6 +437,7 @@ async fn main() -> Result<()> {
     }
     let connect_secs = started.elapsed().as_secs_f64();
     let cpu_hs1 = pid.and_then(|p| proc_cpu_secs(p, ticks_per_sec));
+    let audit1 = if args.scrape_audit { Some(audit_records(&ctx).await?) } else { None };
     let rss_connected = pid.and_then(|p| proc_mem_kib(p, "VmRSS:"));
 
     let mut result = json!({
@@ -419,6 +446,11 @@ async fn main() -> Result<()> {
         "handshakes_per_sec": up as f64 / connect_secs.max(1e-9),
         "server_cpu_us_per_handshake": match (cpu_hs0, cpu_hs1) { (Some(a), Some(b)) if up > 0 => json!((b - a) * 1e6 / up as f64), _ => Value::Null },
     });
+
+    if let (Some(a), Some(b)) = (audit0, audit1) {
+        result["audit_records_connect"] = json!(b - a);
+        result["audit_records_per_sec"] = json!((b - a) / connect_secs.max(1e-9));
+    }
 
     if let Some(idle) = args.idle_secs {
         tokio::time::sleep(Duration::from_secs_f64(idle)).await;

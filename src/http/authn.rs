@@ -9,6 +9,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use super::audit;
 use super::error::ApiError;
 use super::AppState;
 use crate::auth::{token, AuthError};
@@ -31,7 +32,7 @@ pub(crate) fn admit(state: &AppState, tenant: &TenantId) -> Result<(), ApiError>
     }
 }
 
-/// Middleware: authenticate or refuse.
+/// Middleware: authenticate or refuse. Every refusal is counted, logged and audited.
 pub(crate) async fn require_token(
     State(state): State<Arc<AppState>>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
@@ -39,11 +40,13 @@ pub(crate) async fn require_token(
     next: Next,
 ) -> Response {
     let found = token::extract(req.headers(), req.uri(), state.auth.allow_query_token());
+    let presented = found.as_ref().ok().and_then(|t| t.as_deref()).map(str::to_owned);
     let verified = match found {
         Ok(Some(t)) => state.auth.verify(&t).await,
         Ok(None) => Err(AuthError::Missing),
         Err(e) => Err(e),
     };
+    let path = req.uri().path().to_owned();
     match verified {
         Ok(principal) => {
             if let Err(e) = admit(&state, &principal.tenant) {
@@ -52,6 +55,8 @@ pub(crate) async fn require_token(
                     remote = %remote, tenant = %principal.tenant, subject = %principal.subject,
                     reason = e.code, "tenant refused"
                 );
+                let record = audit::rejected(req.headers(), remote, &path, &e, Some(&principal), None);
+                state.audit.record(record).await;
                 return e.into_response();
             }
             req.extensions_mut().insert(principal);
@@ -63,7 +68,10 @@ pub(crate) async fn require_token(
                 remote = %remote, path = %token::redact_uri(req.uri()), reason = e.code(), detail = ?e,
                 "authentication refused"
             );
-            ApiError::from(&e).into_response()
+            let answer = ApiError::from(&e);
+            let record = audit::rejected(req.headers(), remote, &path, &answer, None, presented.as_deref());
+            state.audit.record(record).await;
+            answer.into_response()
         }
     }
 }

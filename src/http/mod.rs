@@ -1,9 +1,11 @@
-//! The axum router: `/ws` (upgrade), `/v1/events` (publish), `/health`, `/ready`, `/metrics`.
+//! The axum router: `/ws` (upgrade), `/v1/events` (publish), `/admin/audit`, `/health`, `/ready`,
+//! `/metrics`.
 //!
 //! Routes that need a token sit behind the authentication layer, so nothing unauthenticated
 //! reaches a session or the bus. Handlers translate between HTTP and the library's typed
 //! operations and own no state of their own.
 
+mod audit;
 mod authn;
 pub mod error;
 mod publish;
@@ -17,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
+use crate::audit::AuditLog;
 use crate::auth::Authenticator;
 use crate::bus::LocalBus;
 use crate::config::PublishConfig;
@@ -31,6 +34,9 @@ pub(crate) struct AppState {
     pub(crate) auth: Arc<Authenticator>,
     pub(crate) policies: Arc<crate::policy::PolicySet>,
     pub(crate) metrics: Arc<Metrics>,
+    pub(crate) audit: AuditLog,
+    /// The active audit file, for `GET /admin/audit` (`None` when the log is disabled).
+    pub(crate) audit_path: Option<std::path::PathBuf>,
     pub(crate) sessions: Arc<SessionSettings>,
     pub(crate) publish: PublishConfig,
     /// `/metrics` needs a token with role `metrics`.
@@ -41,8 +47,11 @@ pub(crate) struct AppState {
 /// Builds the router over the shared state.
 pub(crate) fn router(state: Arc<AppState>) -> Router {
     let authn = || axum::middleware::from_fn_with_state(Arc::clone(&state), authn::require_token);
-    let mut authenticated =
-        Router::new().route("/ws", get(ws::upgrade)).route("/v1/events", post(publish::publish)).route_layer(authn());
+    let mut authenticated = Router::new()
+        .route("/ws", get(ws::upgrade))
+        .route("/v1/events", post(publish::publish))
+        .route("/admin/audit", get(audit::list))
+        .route_layer(authn());
     let mut open = Router::new().route("/health", get(health)).route("/ready", get(ready));
     if state.metrics_require_token {
         authenticated =
@@ -58,10 +67,12 @@ async fn health() -> Json<serde_json::Value> {
 }
 
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
-    if state.bus.is_open() {
-        Json(serde_json::json!({"status": "ready"})).into_response()
+    let audit = if state.audit.is_available() { "ok" } else { "unavailable" };
+    if state.bus.is_open() && !state.audit.refuses_connections() {
+        Json(serde_json::json!({"status": "ready", "audit": audit})).into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": "not_ready"}))).into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": "not_ready", "audit": audit})))
+            .into_response()
     }
 }
 

@@ -1,6 +1,7 @@
 //! `GET /ws`: the upgrade. Runs only after the authentication layer accepted the token; checks
 //! the handshake, selects the `incident-stream.v1` subprotocol when offered, answers 101 and
-//! hands the upgraded connection and the principal to a session.
+//! hands the upgraded connection and the principal to a session. The connection is let in only
+//! once its `connection.accepted` audit record is written (fail closed: 503 `audit_unavailable`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,8 +11,10 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
 
+use super::audit;
 use super::error::ApiError;
 use super::AppState;
+use crate::audit::Kind;
 use crate::auth::Principal;
 use crate::protocol::SUBPROTOCOL;
 use crate::session::{self, SessionContext};
@@ -31,33 +34,68 @@ pub(crate) async fn upgrade(
         // The authentication layer always inserts it; without it nothing may pass.
         return ApiError::new(StatusCode::UNAUTHORIZED, "token_missing", "no verified principal").into_response();
     };
+    let refuse = |e: ApiError, principal: &Principal, req: &Request| {
+        let record = audit::rejected(req.headers(), remote, req.uri().path(), &e, Some(principal), None);
+        (e, record)
+    };
     let mandatory = match state.auth.mandatory_labels(&principal) {
         Ok(m) => m,
         Err(e) => {
             state.metrics.auth_failures.with_label_values(&[e.code()]).inc();
             tracing::warn!(remote = %remote, reason = e.code(), detail = ?e, "authentication refused");
-            return ApiError::from(&e).into_response();
+            let (e, record) = refuse(ApiError::from(&e), &principal, &req);
+            state.audit.record(record).await;
+            return e.into_response();
         }
     };
-    let accepted = match handshake::check(req.method(), req.version(), req.headers(), SUBPROTOCOL) {
-        Ok(a) => a,
-        Err(e) => {
-            return ApiError::new(StatusCode::BAD_REQUEST, "not_a_websocket_upgrade", e.to_string()).into_response()
+    let checked = handshake::check(req.method(), req.version(), req.headers(), SUBPROTOCOL)
+        .map_err(|e| e.to_string())
+        .and_then(|a| {
+            let up = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
+            up.map(|u| (a, u)).ok_or_else(|| "connection cannot be upgraded".to_owned())
+        });
+    let (accepted, on_upgrade) = match checked {
+        Ok(ok) => ok,
+        Err(message) => {
+            let (e, record) =
+                refuse(ApiError::new(StatusCode::BAD_REQUEST, "not_a_websocket_upgrade", message), &principal, &req);
+            state.audit.record(record).await;
+            return e.into_response();
         }
     };
-    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
-        return ApiError::new(StatusCode::BAD_REQUEST, "not_a_websocket_upgrade", "connection cannot be upgraded")
-            .into_response();
-    };
+    let session_id = uuid::Uuid::new_v4().to_string();
+    let (user_agent, origin) = audit::client_headers(req.headers());
+    let record = audit::from_request(Kind::ConnectionAccepted, req.headers(), remote)
+        .session(session_id.clone())
+        .tenant(principal.tenant.to_string())
+        .subject(principal.subject.clone())
+        .token_id(principal.token_id.clone())
+        .field("token_expires_at", crate::time::rfc3339_from_unix(principal.expires_at))
+        .field("subprotocol", accepted.protocol);
+    // Fail closed: the connection proceeds only once its record is written.
+    if state.audit.admit(record).await.is_err() {
+        tracing::warn!(remote = %remote, tenant = %principal.tenant, "audit log unavailable: connection refused");
+        let e = ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable", "the audit log cannot be written")
+        };
+        let (e, record) = refuse(e, &principal, &req);
+        state.audit.record(record).await;
+        return e.into_response();
+    }
     let ctx = SessionContext {
+        session_id,
         hub: Arc::clone(&state.hub),
         auth: Arc::clone(&state.auth),
         policies: Arc::clone(&state.policies),
         metrics: Arc::clone(&state.metrics),
+        audit: state.audit.clone(),
         settings: Arc::clone(&state.sessions),
         principal,
         mandatory,
         remote,
+        user_agent: user_agent.map(Into::into),
+        origin: origin.map(Into::into),
     };
     let max = state.max_frame_bytes;
     // Boxed: the task keeps what it captured for its whole life; the session takes the context

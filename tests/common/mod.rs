@@ -30,14 +30,21 @@ pub const KID: &str = "test";
 /// Upper bound of any single wait in these tests.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-/// A fresh directory with a dev CA and a server certificate for localhost/127.0.0.1/::1.
-pub fn dev_certs() -> PathBuf {
+/// A fresh, empty directory under the system's temporary directory.
+pub fn fresh_dir() -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
         "incident-stream-test-{}-{}",
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// A fresh directory with a dev CA and a server certificate for localhost/127.0.0.1/::1.
+pub fn dev_certs() -> PathBuf {
+    let dir = fresh_dir();
     incident_stream::tls::generate_dev_certs(&dir.join("server.crt"), &dir.join("server.key")).expect("dev certs");
     dir
 }
@@ -76,6 +83,7 @@ pub fn plain_config() -> Config {
     c.server.listen = "127.0.0.1:0".parse().expect("addr");
     c.server.shutdown_grace_secs = 3;
     c.websocket.enable_compression = false;
+    c.audit.path = fresh_dir().join("audit").join("audit.log");
     c.auth.keys = vec![KeyConfig {
         kid: KID.into(),
         algorithm: "HS256".into(),
@@ -287,8 +295,16 @@ pub struct Client {
 impl Client {
     /// Connects with a bearer token and waits for `welcome`.
     pub async fn connect(server: &TestServer, token: &str) -> Client {
+        Client::connect_with(server, token, &[]).await
+    }
+
+    /// The same with extra request headers (`User-Agent`, `Origin`, …).
+    pub async fn connect_with(server: &TestServer, token: &str, headers: &[(&'static str, &str)]) -> Client {
         let mut req = server.ws_url().into_client_request().expect("request");
         req.headers_mut().insert("authorization", format!("Bearer {token}").parse().expect("header"));
+        for (k, v) in headers {
+            req.headers_mut().insert(*k, v.parse().expect("header value"));
+        }
         let connector = server.tls.as_ref().map(|c| Connector::Rustls(Arc::clone(c)));
         let connect = tokio_tungstenite::connect_async_tls_with_config(req, None, false, connector);
         let (ws, _) = tokio::time::timeout(WAIT, connect).await.expect("in time").expect("upgrade");
