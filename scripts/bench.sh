@@ -4,7 +4,8 @@
 # medians into docs/BENCHMARKS.md (raw JSON lines into target/bench/results.jsonl).
 #
 #   scripts/bench.sh                 # every scenario
-#   scripts/bench.sh fanout-1k idle  # only scenarios whose name starts with these words
+#   scripts/bench.sh fanout-1k idle  # only scenarios whose name starts with these words (their
+#                                    # lines in results.jsonl are replaced, the others kept)
 #   RUNS=1 scripts/bench.sh guard    # quick look
 #   PROFILE=1 RUNS=1 scripts/bench.sh fanout-10k   # also a perf profile of the server per scenario:
 #                                    # target/bench/profile-NAME.txt (symbols), profile-NAME.md (grouped)
@@ -21,7 +22,18 @@ LOADGEN=target/release/loadgen
 OUT=target/bench
 mkdir -p "$OUT"
 RESULTS="$OUT/results.jsonl"
-: > "$RESULTS"
+if [ ${#FILTER[@]} -eq 0 ]; then
+  : > "$RESULTS"
+else
+  # A partial run replaces only its own scenarios' lines; the report keeps the others.
+  touch "$RESULTS"
+  python3 - "$RESULTS" "${FILTER[@]}" <<'PY'
+import json, sys
+path, prefixes = sys.argv[1], sys.argv[2:]
+keep = [l for l in open(path) if l.strip() and not json.loads(l)["name"].startswith(tuple(prefixes))]
+open(path, "w").writelines(keep)
+PY
+fi
 WORK=$(mktemp -d)
 SERVER_PID=""
 cleanup() {
@@ -39,7 +51,8 @@ mkdir -p "$WORK/policies"
 echo 'enabled = true' > "$WORK/policies/_defaults.toml"
 for t in acme $(seq -f 't%g' 0 99); do echo "tenant = \"$t\"" > "$WORK/policies/$t.toml"; done
 
-start_server() { # $1 = tls true|false
+start_server() { # $1 = tls true|false, $2 = audit log true|false
+  rm -rf "$WORK/audit"
   cat > "$WORK/bench.toml" <<EOF
 [server]
 listen = "127.0.0.1:0"
@@ -64,6 +77,9 @@ secret = "$SECRET"
 kid = "bench-es256"
 algorithm = "ES256"
 public_key = "$WORK/es256.pem.pub"
+[audit]
+enabled = $2
+path = "$WORK/audit/audit.log"
 [log]
 level = "warn"
 EOF
@@ -87,12 +103,12 @@ wanted() {
   return 1
 }
 
-# scenario NAME TLS LOADGEN-ARGS...
+# [AUDIT=false] scenario NAME TLS LOADGEN-ARGS...   (the audit log is on unless AUDIT=false)
 scenario() {
   local name=$1 tls=$2; shift 2
   wanted "$name" || return 0
   for run in $(seq "$RUNS"); do
-    start_server "$tls"
+    start_server "$tls" "${AUDIT:-true}"
     local tlsargs=()
     [ "$tls" = true ] && tlsargs=(--ca "$WORK/certs/ca.crt")
     echo "== $name (run $run/$RUNS)" >&2
@@ -120,7 +136,11 @@ scenario fanout-10k-tls     true  "${HS[@]}" --connections 10000 --rate 50  --ba
 scenario saturation-1k      false "${HS[@]}" --connections 1000  --rate 0   --batch 50 --in-flight 4 --duration 15
 scenario idle-10k-plain     false "${HS[@]}" --connections 10000 --idle-secs 5
 scenario idle-10k-tls       true  "${HS[@]}" --connections 10000 --idle-secs 5
-scenario handshake-tls-es256 true --es256-key "$WORK/es256.pem" --kid bench-es256 --connections 2000 --idle-secs 1
+AUDIT=false scenario idle-10k-plain-noaudit false "${HS[@]}" --connections 10000 --idle-secs 5
+scenario handshake-tls-es256 true --es256-key "$WORK/es256.pem" --kid bench-es256 --connections 2000 --idle-secs 1 --scrape-audit
+AUDIT=false scenario handshake-tls-es256-noaudit true --es256-key "$WORK/es256.pem" --kid bench-es256 --connections 2000 --idle-secs 1
+scenario handshake-plain    false "${HS[@]}" --connections 5000 --idle-secs 1 --scrape-audit
+AUDIT=false scenario handshake-plain-noaudit false "${HS[@]}" --connections 5000 --idle-secs 1
 scenario isolation-baseline false "${HS[@]}" --connections 100   --rate 200 --batch 10 --duration 15
 scenario isolation-100x100  false "${HS[@]}" --connections 10000 --tenants 100 --publish-tenant t7 --rate 200 --batch 10 --duration 15
 scenario filter-heavy-1k    false "${HS[@]}" --connections 1000  --subs-per-conn 5 --rate 200 --batch 10 --duration 15

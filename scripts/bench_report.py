@@ -89,6 +89,24 @@ def main(results, doc):
     hs = median(groups.get("handshake-tls-es256", []), "server_cpu_us_per_handshake")
     if hs is not None:
         out += ["", f"Server CPU per TLS 1.3 + ES256 handshake: {fmt(hs, 0)} µs (median)."]
+    audit_rows = []
+    for base in ("handshake-tls-es256", "handshake-plain"):
+        on, off = groups.get(base, []), groups.get(base + "-noaudit", [])
+        if not on or not off:
+            continue
+        cpu_on, cpu_off = median(on, "server_cpu_us_per_handshake"), median(off, "server_cpu_us_per_handshake")
+        hs_on, hs_off = median(on, "handshakes_per_sec"), median(off, "handshakes_per_sec")
+        cost = cpu_on - cpu_off if cpu_on is not None and cpu_off is not None else None
+        audit_rows.append("| " + " | ".join([
+            base, fmt(median(on, "audit_records_per_sec"), 0), fmt(median(on, "audit_records_connect"), 0),
+            f"{fmt(hs_on, 0)} / {fmt(hs_off, 0)}", f"{fmt(cpu_on, 0)} / {fmt(cpu_off, 0)}", fmt(cost, 0),
+        ]) + " |")
+    if audit_rows:
+        out += ["", "Audit log on connection setup (each connection: `connection.accepted`, written before the 101, "
+                "and `subscription.created`):", "",
+                "| scenario | audit records/s sustained | records in the connect phase | handshakes/s with / without audit "
+                "| server CPU µs per connection with / without | audit cost µs per connection |",
+                "|---|---|---|---|---|---|"] + audit_rows
     out += ["", END]
     text = open(doc).read() if os.path.exists(doc) else f"# Benchmarks\n\n{START}\n{END}\n"
     if START in text and END in text:
