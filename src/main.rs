@@ -280,6 +280,7 @@ async fn serve(config: Config) -> Result<()> {
     ensure_dev_secrets(&config)?;
     ensure_dev_certs(&config)?;
     let ca = config.tls.cert.parent().map(|d| d.join("ca.crt")).unwrap_or_else(|| PathBuf::from("ca.crt"));
+    let audit = config.audit.enabled.then(|| config.audit.path.clone());
     let server = Server::builder().config(config).build()?;
     let running = server.start().await?;
     let addr = running.local_addr();
@@ -295,6 +296,9 @@ async fn serve(config: Config) -> Result<()> {
     println!("                              -d '{{\"event_type\":\"incident_created\",\"severity\":\"P1\"}}' {http}://{addr}/v1/events");
     println!("  subscribe (WebSocket):    {ws}://{addr}/ws with header Authorization: Bearer <token>");
     println!("  health / metrics:         {http}://{addr}/health  {http}://{addr}/metrics");
+    if let Some(path) = audit {
+        println!("  audit log:                {} (check it: incident-stream audit verify)", path.display());
+    }
     running.run_until(shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())

@@ -86,10 +86,13 @@ fn first_line(path: &Path) -> io::Result<Option<String>> {
 
 /// One line of a file: its text (without the newline), its number, and whether it was complete.
 struct Line {
-    text: Result<String, ()>,
+    text: Result<String, &'static str>,
     number: usize,
     complete: bool,
 }
+
+/// Longest line read whole; records are far shorter (a filter is bounded by the frame size).
+const MAX_LINE: u64 = 1 << 20;
 
 /// Reads lines one at a time with a bounded buffer.
 struct Lines {
@@ -106,16 +109,28 @@ impl Lines {
 
     fn next(&mut self, path: &Path) -> Result<Option<Line>, FileError> {
         self.buf.clear();
-        let n = self.reader.read_until(b'\n', &mut self.buf).map_err(file_err(path))?;
+        let n = (&mut self.reader).take(MAX_LINE + 1).read_until(b'\n', &mut self.buf).map_err(file_err(path))?;
         if n == 0 {
             return Ok(None);
         }
         self.number += 1;
-        let complete = self.buf.last() == Some(&b'\n');
+        let mut complete = self.buf.last() == Some(&b'\n');
+        if !complete && n as u64 > MAX_LINE {
+            // Far longer than any record: skip to the end of the line without holding it.
+            loop {
+                self.buf.clear();
+                let m = (&mut self.reader).take(MAX_LINE).read_until(b'\n', &mut self.buf).map_err(file_err(path))?;
+                complete = self.buf.last() == Some(&b'\n');
+                if m == 0 || complete {
+                    break;
+                }
+            }
+            return Ok(Some(Line { text: Err("a line longer than 1 MiB"), number: self.number, complete }));
+        }
         if complete {
             self.buf.pop();
         }
-        let text = std::str::from_utf8(&self.buf).map(str::to_owned).map_err(|_| ());
+        let text = std::str::from_utf8(&self.buf).map(str::to_owned).map_err(|_| "not UTF-8");
         Ok(Some(Line { text, number: self.number, complete }))
     }
 }
@@ -159,8 +174,8 @@ pub fn verify(files: &[PathBuf], partial: bool) -> Result<Verdict, FileError> {
             let text = match (&line.text, line.complete) {
                 (Ok(t), true) => t,
                 (_, false) => return Ok(Err(broken(chain.expected().unwrap_or(0), Problem::Truncated))),
-                (Err(()), true) => {
-                    let p = Problem::Unparseable("not UTF-8".into());
+                (Err(why), true) => {
+                    let p = Problem::Unparseable((*why).into());
                     return Ok(Err(broken(chain.expected().unwrap_or(0), p)));
                 }
             };
@@ -266,6 +281,24 @@ pub(super) fn tail(path: &Path) -> io::Result<Tail> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_endless_line_is_reported_without_being_held() {
+        let dir = std::env::temp_dir().join(format!("incident-stream-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let f = dir.join("audit.log");
+        let mut text = "x".repeat(3 << 20);
+        text.push('\n');
+        std::fs::write(&f, &text).expect("write");
+        let broken = verify(std::slice::from_ref(&f), false).expect("readable").expect_err("not a record");
+        assert_eq!((broken.seq, broken.line), (1, 1));
+        assert_eq!(broken.problem, Problem::Unparseable("a line longer than 1 MiB".into()));
+        text.pop();
+        std::fs::write(&f, &text).expect("write");
+        let broken = verify(std::slice::from_ref(&f), false).expect("readable").expect_err("cut");
+        assert_eq!(broken.problem, Problem::Truncated);
+        std::fs::remove_dir_all(&dir).ok();
+    }
 
     #[test]
     fn rotated_names_sort_in_chain_order() {

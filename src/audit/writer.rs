@@ -396,9 +396,11 @@ impl Writer {
     /// Completes a torn line, then seals and writes everything pending.
     async fn write_pending(&mut self) {
         if self.sink.is_none() {
-            match Sink::open(&self.path, self.settings.max_file_bytes) {
-                Ok(s) => self.sink = Some(s),
-                Err(e) => return self.failed(&e),
+            let (path, max) = (self.path.clone(), self.settings.max_file_bytes);
+            match tokio::task::spawn_blocking(move || Sink::open(&path, max)).await {
+                Ok(Ok(s)) => self.sink = Some(s),
+                Ok(Err(e)) => return self.failed(&e),
+                Err(e) => return tracing::error!(error = %e, "audit open task failed"),
             }
         }
         if let Some(mut t) = self.torn.take() {
