@@ -48,7 +48,18 @@ $BIN certs generate --dir "$WORK/certs" >/dev/null
 SECRET=$(head -c 32 /dev/urandom | xxd -p -c 64)
 $LOADGEN --addr 127.0.0.1:1 --gen-es256-key "$WORK/es256.pem"
 mkdir -p "$WORK/policies"
-echo 'enabled = true' > "$WORK/policies/_defaults.toml"
+# Limits far above what the scenarios reach: the bench measures the server, not its limits.
+cat > "$WORK/policies/_defaults.toml" <<EOF
+enabled = true
+[limits]
+max_connections = 1000000
+max_connections_per_subject = 1000000
+connects_per_minute_per_subject = 1000000
+messages_per_second = 1000000
+message_burst = 1000000
+publishes_per_second = 100000000
+publish_burst = 100000000
+EOF
 for t in acme $(seq -f 't%g' 0 99); do echo "tenant = \"$t\"" > "$WORK/policies/$t.toml"; done
 
 start_server() { # $1 = tls true|false, $2 = audit log true|false
@@ -69,6 +80,8 @@ heartbeat_interval_secs = 30
 max_batch = 1000
 [policies]
 dir = "$WORK/policies"
+[limits]
+handshakes_per_second_per_ip = 0
 [[auth.keys]]
 kid = "bench"
 algorithm = "HS256"

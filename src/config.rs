@@ -67,6 +67,8 @@ pub struct Config {
     pub publish: PublishConfig,
     /// Tenant policies.
     pub policies: PoliciesConfig,
+    /// Pre-authentication limits per client address, and the bound on limiter state.
+    pub limits: LimitsConfig,
     /// The event bus.
     pub bus: BusConfig,
     /// Logging.
@@ -351,11 +353,42 @@ impl Default for PublishConfig {
 pub struct PoliciesConfig {
     /// Directory holding `_defaults.toml` and one `<tenant>.toml` per tenant.
     pub dir: PathBuf,
+    /// Reload when the files change (besides SIGHUP and `POST /admin/policies/reload`).
+    pub watch: bool,
+    /// How often the directory is looked at; a change is applied once it held still for one
+    /// interval (editors write in several steps).
+    pub watch_interval_ms: u64,
 }
 
 impl Default for PoliciesConfig {
     fn default() -> Self {
-        PoliciesConfig { dir: PathBuf::from("policies") }
+        PoliciesConfig { dir: PathBuf::from("policies"), watch: true, watch_interval_ms: 1000 }
+    }
+}
+
+/// `[limits]`: configuration, not policy, because it protects the token check itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Requests to the authenticated routes per second per client address (IPv6: per /64),
+    /// before any token is looked at; 0 turns the limit off.
+    pub handshakes_per_second_per_ip: u32,
+    /// Burst of the above.
+    pub handshake_burst: u32,
+    /// Most keys (addresses, subjects) one keyed limiter tracks; past it new keys share one bucket.
+    pub max_tracked_keys: usize,
+    /// How often keys indistinguishable from fresh ones are dropped.
+    pub sweep_interval_secs: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            handshakes_per_second_per_ip: 20,
+            handshake_burst: 40,
+            max_tracked_keys: 100_000,
+            sweep_interval_secs: 10,
+        }
     }
 }
 
@@ -506,6 +539,10 @@ impl Config {
         at_least("websocket.max_subscriptions_per_connection", w.max_subscriptions_per_connection as u64, 1)?;
         at_least("websocket.messages_per_second", u64::from(w.messages_per_second), 1)?;
         at_least("websocket.message_burst", u64::from(w.message_burst), 1)?;
+        at_least("policies.watch_interval_ms", self.policies.watch_interval_ms, 50)?;
+        at_least("limits.handshake_burst", u64::from(self.limits.handshake_burst), 1)?;
+        at_least("limits.max_tracked_keys", self.limits.max_tracked_keys as u64, 1)?;
+        at_least("limits.sweep_interval_secs", self.limits.sweep_interval_secs, 1)?;
         at_least("publish.max_batch", self.publish.max_batch as u64, 1)?;
         at_least("audit.fsync_interval_ms", self.audit.fsync_interval_ms, 1)?;
         at_least("audit.retry_interval_ms", self.audit.retry_interval_ms, 10)?;

@@ -21,6 +21,7 @@ use crate::event::TenantId;
 use crate::filter::SubscriptionFilter;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
+use crate::policy::Limits;
 use crate::protocol::CloseReason;
 
 /// One live connection, shared by its session task, the index and the registry.
@@ -32,6 +33,8 @@ pub(crate) struct Conn {
     pub(crate) tenant: TenantId,
     pub(crate) subject: String,
     pub(crate) remote: SocketAddr,
+    /// Milliseconds since the Unix epoch when the session started.
+    pub(crate) connected_at_ms: u64,
     pub(crate) outbox: Outbox,
     /// Milliseconds since the hub started, of the last client application message.
     last_message_ms: AtomicU64,
@@ -45,6 +48,11 @@ impl Conn {
     /// Records client activity (for the idle sweep).
     pub(crate) fn touch(&self, hub: &Hub) {
         self.last_message_ms.store(hub.elapsed_ms(), Ordering::Relaxed);
+    }
+
+    /// Subscriptions currently held.
+    pub(crate) fn subscription_count(&self) -> usize {
+        self.subscriptions.load(Ordering::Relaxed)
     }
 
     /// Takes the cleanup sweep's hint that this session may be idle.
@@ -94,6 +102,53 @@ pub(crate) struct Hub {
     max_pending: usize,
     /// Set once shutdown begins: sessions registering later are closed at once.
     shutting_down: AtomicBool,
+    /// Live and admitted-but-not-yet-started connections per tenant and subject (the caps).
+    counts: Mutex<HashMap<TenantId, TenantCount>>,
+}
+
+#[derive(Default)]
+struct TenantCount {
+    total: u32,
+    subjects: HashMap<String, u32>,
+}
+
+/// Which connection cap refused a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CapExceeded {
+    /// `max_connections` of the tenant.
+    Tenant(u32),
+    /// `max_connections_per_subject`.
+    Subject(u32),
+}
+
+/// A place under the tenant's and the subject's connection caps, taken before the upgrade
+/// answers 101 and handed to [`Hub::register`]. Dropped unused (the upgrade failed), it frees
+/// the place.
+pub(crate) struct Reservation {
+    hub: Arc<Hub>,
+    tenant: TenantId,
+    subject: String,
+    armed: bool,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.armed {
+            self.hub.release(&self.tenant, &self.subject);
+        }
+    }
+}
+
+/// What the admin API shows of a session.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct SessionInfo {
+    pub(crate) session_id: String,
+    pub(crate) tenant: String,
+    pub(crate) subject: String,
+    pub(crate) remote_addr: String,
+    pub(crate) connected_since: String,
+    pub(crate) subscriptions: usize,
+    pub(crate) queue_depth: usize,
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -115,6 +170,97 @@ impl Hub {
             metrics,
             max_pending,
             shutting_down: AtomicBool::new(false),
+            counts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, HashMap<TenantId, TenantCount>> {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a place under the tenant's and the subject's connection caps.
+    pub(crate) fn reserve(
+        self: &Arc<Self>,
+        tenant: &TenantId,
+        subject: &str,
+        limits: &Limits,
+    ) -> Result<Reservation, CapExceeded> {
+        let mut counts = self.counts();
+        let t = counts.entry(tenant.clone()).or_default();
+        // Limits are at least 1, so a refusal never leaves an empty entry behind.
+        if t.total >= limits.max_connections {
+            return Err(CapExceeded::Tenant(limits.max_connections));
+        }
+        let per_subject = t.subjects.get(subject).copied().unwrap_or(0);
+        if per_subject >= limits.max_connections_per_subject {
+            return Err(CapExceeded::Subject(limits.max_connections_per_subject));
+        }
+        t.total += 1;
+        *t.subjects.entry(subject.to_owned()).or_default() += 1;
+        Ok(Reservation { hub: Arc::clone(self), tenant: tenant.clone(), subject: subject.to_owned(), armed: true })
+    }
+
+    fn release(&self, tenant: &TenantId, subject: &str) {
+        let mut counts = self.counts();
+        let Some(t) = counts.get_mut(tenant) else { return };
+        t.total = t.total.saturating_sub(1);
+        if let Some(n) = t.subjects.get_mut(subject) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                t.subjects.remove(subject);
+            }
+        }
+        if t.total == 0 {
+            counts.remove(tenant);
+        }
+    }
+
+    /// Connections counted against each tenant's cap (live and about to start).
+    pub(crate) fn connection_counts(&self) -> HashMap<TenantId, u32> {
+        self.counts().iter().map(|(t, c)| (t.clone(), c.total)).collect()
+    }
+
+    /// The live sessions, optionally of one tenant, oldest first.
+    pub(crate) fn list_sessions(&self, tenant: Option<&TenantId>) -> Vec<SessionInfo> {
+        let mut conns: Vec<Arc<Conn>> =
+            self.sessions().values().filter(|c| tenant.is_none_or(|t| c.tenant == *t)).cloned().collect();
+        conns.sort_by_key(|c| c.id);
+        conns
+            .iter()
+            .map(|c| SessionInfo {
+                session_id: c.session_id.clone(),
+                tenant: c.tenant.to_string(),
+                subject: c.subject.clone(),
+                remote_addr: c.remote.to_string(),
+                connected_since: crate::time::rfc3339_from_unix_ms(c.connected_at_ms),
+                subscriptions: c.subscription_count(),
+                queue_depth: c.outbox.len(),
+            })
+            .collect()
+    }
+
+    /// Subscriptions held per tenant.
+    pub(crate) fn subscription_counts(&self) -> HashMap<TenantId, usize> {
+        let mut out: HashMap<TenantId, usize> = HashMap::new();
+        for c in self.sessions().values() {
+            *out.entry(c.tenant.clone()).or_default() += c.subscription_count();
+        }
+        out
+    }
+
+    /// Asks one session to close; false when no live session has this id.
+    pub(crate) fn close_session(&self, session_id: &str, reason: CloseReason) -> Option<Arc<Conn>> {
+        let conn = self.sessions().values().find(|c| c.session_id == session_id).cloned()?;
+        let discarded = conn.outbox.request_close(reason);
+        self.metrics.events_dropped.inc_by(discarded);
+        Some(conn)
+    }
+
+    /// Wakes every session so it re-reads the policies (after a reload).
+    pub(crate) fn wake_all(&self) {
+        let conns: Vec<Arc<Conn>> = self.sessions().values().cloned().collect();
+        for c in conns {
+            c.outbox.wake();
         }
     }
 
@@ -126,20 +272,17 @@ impl Hub {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a new session; it receives nothing until it subscribes.
-    pub(crate) fn register(
-        &self,
-        session_id: String,
-        tenant: TenantId,
-        subject: String,
-        remote: SocketAddr,
-    ) -> Arc<Conn> {
+    /// Registers a new session under its reservation; it receives nothing until it subscribes.
+    /// [`Hub::unregister`] frees the reservation's place.
+    pub(crate) fn register(&self, session_id: String, mut reservation: Reservation, remote: SocketAddr) -> Arc<Conn> {
+        reservation.armed = false;
         let conn = Arc::new(Conn {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             session_id,
-            tenant,
-            subject,
+            tenant: reservation.tenant.clone(),
+            subject: std::mem::take(&mut reservation.subject),
             remote,
+            connected_at_ms: crate::time::unix_now_ms(),
             outbox: Outbox::new(self.max_pending),
             last_message_ms: AtomicU64::new(self.elapsed_ms()),
             subscriptions: AtomicUsize::new(0),
@@ -152,10 +295,12 @@ impl Hub {
         conn
     }
 
-    /// Removes a session and its subscriptions from the hub.
+    /// Removes a session and its subscriptions from the hub, and frees its place under the caps.
     pub(crate) fn unregister(&self, conn: &Arc<Conn>) {
         self.set_filters(conn, Arc::from(Vec::new()));
-        self.sessions().remove(&conn.id);
+        if self.sessions().remove(&conn.id).is_some() {
+            self.release(&conn.tenant, &conn.subject);
+        }
     }
 
     /// Replaces a connection's set of subscription filters (empty removes it from the index).

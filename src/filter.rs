@@ -139,6 +139,18 @@ impl SubscriptionFilter {
         Ok(self)
     }
 
+    /// The event types asked for, as a bit mask (0: every type).
+    pub(crate) fn event_type_mask(&self) -> u32 {
+        self.event_types
+    }
+
+    /// Replaces the event types (a bit mask; 0: every type). The server narrows a filter that
+    /// names no type to the types the tenant's policy allows.
+    pub(crate) fn with_event_type_mask(mut self, mask: u32) -> Self {
+        self.event_types = mask;
+        self
+    }
+
     /// Does the event match? See the module docs for the semantics.
     pub fn matches(&self, r: &Routing) -> bool {
         (self.event_types == 0 || self.event_types & r.event_type.bit() != 0)

@@ -8,12 +8,14 @@
 //! - [`protocol`]: wire messages, error codes, close codes.
 //! - [`config`]: the typed configuration.
 //! - [`auth`]: token verification into a principal.
-//! - [`policy`]: tenant policy files, parsed and validated as a whole.
+//! - [`policy`]: tenant policy files, parsed and validated as a whole (and the store in force).
 //!
 //! Runtime:
 //! - [`bus`]: where events get ids and their one serialized frame.
 //! - `fanout` (hub, dispatcher, cleanup) and `outbox` (per-connection bounded queue).
 //! - `session`: one connection's lifecycle.
+//! - `limits`: governor rate limits with a bounded number of keys.
+//! - `reload`: live policy reloads (watcher, SIGHUP, admin API), all or nothing.
 //! - `http`: the axum routes.
 //! - [`server`]: assembling, running, embedding, shutting down.
 //! - [`tls`]: rustls configuration, dev certificates, live certificate reload.
@@ -31,11 +33,13 @@ pub mod event;
 mod fanout;
 pub mod filter;
 pub mod http;
+mod limits;
 pub mod listener;
 pub mod metrics;
 mod outbox;
 pub mod policy;
 pub mod protocol;
+mod reload;
 pub mod server;
 mod session;
 pub mod time;

@@ -366,10 +366,21 @@ fn run() -> Result<()> {
         }
         Command::Policy { command: PolicyCommand::Check { dir } } => {
             let dir = dir.unwrap_or_else(|| config.policies.dir.clone());
-            let set = incident_stream::policy::PolicySet::load_dir(&dir)?;
-            let tenants: Vec<String> = set.tenants().map(ToString::to_string).collect();
-            println!("{}: ok, {} tenants: {}", dir.display(), tenants.len(), tenants.join(", "));
-            Ok(())
+            // Exactly what a reload would do: the whole directory, every error reported.
+            match incident_stream::policy::PolicySet::load_dir(&dir) {
+                Ok(set) => {
+                    let tenants: Vec<String> = set.tenants().map(ToString::to_string).collect();
+                    println!("{}: ok, {} tenants: {}", dir.display(), tenants.len(), tenants.join(", "));
+                    Ok(())
+                }
+                Err(errors) => {
+                    for e in &errors.0 {
+                        eprintln!("{e}");
+                    }
+                    eprintln!("{}: {} error(s); a reload would change nothing", dir.display(), errors.0.len());
+                    std::process::exit(1);
+                }
+            }
         }
         Command::Audit { command: AuditCommand::Verify { files, partial } } => {
             if audit_verify(&config, files, partial)? {

@@ -46,6 +46,12 @@ pub struct Metrics {
     pub audit_dropped: IntCounter,
     /// Audit records waiting for the writer (queued and held while the sink is down).
     pub audit_queue_depth: IntGauge,
+    /// `policy_reloads_total{result}`: policy reloads, applied or rejected as a whole.
+    pub policy_reloads: IntCounterVec,
+    /// `rate_limiter_tracked_keys`: keys held by the keyed limiters (bounded by configuration).
+    pub limiter_keys: IntGauge,
+    /// `auth_token_verifications_total`: tokens checked (signature and claims), whatever the result.
+    pub token_verifications: IntCounter,
 }
 
 /// The reasons `auth_failures_total` is labelled with; all pre-registered at zero.
@@ -63,10 +69,17 @@ pub const AUTH_FAILURE_REASONS: &[&str] = &[
     "invalid_claim",
     "unknown_tenant",
     "tenant_disabled",
+    "subject_revoked",
+    "token_revoked",
+    "origin_not_allowed",
 ];
 
 /// The scopes `rate_limited_total` is labelled with.
-pub const RATE_LIMIT_SCOPES: &[&str] = &["message"];
+pub const RATE_LIMIT_SCOPES: &[&str] =
+    &["ip", "connect", "tenant_connections", "subject_connections", "message", "subscriptions", "publish"];
+
+/// The results `policy_reloads_total` is labelled with.
+pub const POLICY_RELOAD_RESULTS: &[&str] = &["ok", "rejected"];
 
 fn counter(r: &Registry, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
     let c = IntCounter::new(name, help)?;
@@ -156,6 +169,19 @@ impl Metrics {
                 "Audit records dropped: sink down and in-memory backlog full",
             )?,
             audit_queue_depth: gauge(&r, "audit_queue_depth", "Audit records waiting to be written")?,
+            policy_reloads: counter_vec(
+                &r,
+                "policy_reloads_total",
+                "Policy reloads by result",
+                "result",
+                POLICY_RELOAD_RESULTS,
+            )?,
+            token_verifications: counter(
+                &r,
+                "auth_token_verifications_total",
+                "Bearer tokens verified (signature and claims), whatever the result",
+            )?,
+            limiter_keys: gauge(&r, "rate_limiter_tracked_keys", "Keys held by the keyed rate limiters")?,
             registry: r,
         })
     }
@@ -191,6 +217,8 @@ mod tests {
             "websocket_events_dropped_total",
             "auth_failures_total",
             "rate_limited_total",
+            "policy_reloads_total",
+            "rate_limiter_tracked_keys",
         ] {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
         }

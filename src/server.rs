@@ -23,7 +23,10 @@ use crate::bus::{LocalBus, Published};
 use crate::config::{Config, ConfigError};
 use crate::fanout::{self, Hub};
 use crate::http::{self, AppState};
+use crate::limits::Limiters;
 use crate::metrics::Metrics;
+use crate::policy::store::PolicyStore;
+use crate::reload::Reloader;
 use crate::session::SessionSettings;
 
 /// How long a closing handshake with one client may take.
@@ -42,8 +45,8 @@ pub enum ServerError {
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
     /// The tenant policies are invalid.
-    #[error("policies: {0}")]
-    Policy(#[from] crate::policy::PolicyError),
+    #[error("policies:\n{0}")]
+    Policy(#[from] crate::policy::PolicyErrors),
     /// The audit log could not be opened.
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
@@ -219,14 +222,25 @@ impl Server {
     /// Assembles a server from a configuration.
     pub fn new(config: Config, env: &dyn Fn(&str) -> Option<String>) -> Result<Server, ServerError> {
         config.validate()?;
+        let nz = |v: u32| NonZeroU32::new(v).unwrap_or(NonZeroU32::MIN);
         let metrics = Arc::new(Metrics::new()?);
         let auth = Arc::new(Authenticator::new(&config.auth, env)?);
-        let policies = Arc::new(crate::policy::PolicySet::load_dir(&config.policies.dir)?);
+        let policies = Arc::new(PolicyStore::load(&config.policies.dir)?);
         let (audit, audit_writer) = AuditLog::open(&config.audit, Arc::clone(&metrics))?;
         let ws = &config.websocket;
         let hub = Arc::new(Hub::new(Arc::clone(&metrics), ws.max_pending_messages));
+        let l = &config.limits;
+        let ip_quota = NonZeroU32::new(l.handshakes_per_second_per_ip)
+            .map(|rate| governor::Quota::per_second(rate).allow_burst(nz(l.handshake_burst)));
+        let limiters = Arc::new(Limiters::new(ip_quota, l.max_tracked_keys));
+        let reloader = Arc::new(Reloader::new(
+            Arc::clone(&policies),
+            Arc::clone(&hub),
+            Arc::clone(&limiters),
+            audit.clone(),
+            Arc::clone(&metrics),
+        ));
         let (bus, bus_rx) = LocalBus::new(ws.broadcast_capacity);
-        let nz = |v: u32| NonZeroU32::new(v).unwrap_or(NonZeroU32::MIN);
         let heartbeat = Duration::from_secs(ws.heartbeat_interval_secs);
         let sessions = Arc::new(SessionSettings {
             heartbeat,
@@ -244,6 +258,8 @@ impl Server {
             bus: Arc::new(bus),
             auth,
             policies,
+            reloader,
+            limiters,
             metrics,
             audit,
             audit_path: config.audit.enabled.then(|| config.audit.path.clone()),
@@ -274,7 +290,26 @@ impl Server {
                 "websocket.enable_compression is set, but permessage-deflate is not supported: frames are sent uncompressed"
             );
         }
-        let mut tasks = vec![dispatcher, cleanup];
+        let limiters = Arc::clone(&self.state.limiters);
+        let metrics = Arc::clone(&self.state.metrics);
+        let sweep_every = Duration::from_secs(self.config.limits.sweep_interval_secs);
+        let sweeper = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(sweep_every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                limiters.sweep();
+                metrics.limiter_keys.set(limiters.tracked_keys() as i64);
+            }
+        });
+        let mut tasks = vec![dispatcher, cleanup, sweeper];
+        let reloader = Arc::clone(&self.state.reloader);
+        if self.config.policies.watch {
+            let every = Duration::from_millis(self.config.policies.watch_interval_ms);
+            tasks.push(tokio::spawn(crate::reload::run_watcher(Arc::clone(&reloader), every)));
+        }
+        #[cfg(unix)]
+        tasks.push(tokio::spawn(crate::reload::run_sighup(reloader)));
         if let Some(w) = self.audit_writer {
             tasks.push(tokio::spawn(w.run()));
         }

@@ -21,9 +21,11 @@ use crate::audit::{AuditLog, Kind, Record};
 use crate::auth::{Authenticator, Principal};
 use crate::bus::Published;
 use crate::event::MessageId;
-use crate::fanout::{Conn, Hub};
+use crate::fanout::{Conn, Hub, Reservation};
 use crate::filter::{FilterError, SubscriptionFilter};
 use crate::metrics::Metrics;
+use crate::policy::store::PolicyStore;
+use crate::policy::{Admission, Limits, TenantPolicy};
 use crate::protocol::{self, ClientMessage, CloseReason, ErrorCode, ProtocolError, ServerMessage};
 use crate::ws::{Message, WebSocket, WsError};
 
@@ -44,6 +46,7 @@ pub(crate) struct SessionSettings {
     pub(crate) heartbeat: Duration,
     /// No subscription and no client message for this long: the session is closed.
     pub(crate) idle_timeout: Duration,
+    /// Service-wide ceilings; a tenant's policy may set lower limits, never higher ones.
     pub(crate) max_subscriptions: usize,
     pub(crate) messages_per_second: NonZeroU32,
     pub(crate) message_burst: NonZeroU32,
@@ -63,17 +66,26 @@ pub(crate) struct SessionContext {
     pub(crate) session_id: String,
     pub(crate) hub: Arc<Hub>,
     pub(crate) auth: Arc<Authenticator>,
-    pub(crate) policies: Arc<crate::policy::PolicySet>,
+    pub(crate) policies: Arc<PolicyStore>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) audit: AuditLog,
     pub(crate) settings: Arc<SessionSettings>,
     pub(crate) principal: Principal,
-    /// Labels every subscription must carry (`tenant` and any mapped claims).
+    /// Labels every subscription must carry (`tenant`, the configured and the policy's claims).
     pub(crate) mandatory: Vec<(String, String)>,
     pub(crate) remote: SocketAddr,
     /// For the audit records' common fields.
     pub(crate) user_agent: Option<Box<str>>,
     pub(crate) origin: Option<Box<str>>,
+}
+
+/// What the admission decided, handed to the session with its context.
+pub(crate) struct Admitted {
+    /// The place under the connection caps.
+    pub(crate) reservation: Reservation,
+    /// The tenant's policy the connection was admitted under, and its generation.
+    pub(crate) policy: Arc<TenantPolicy>,
+    pub(crate) policy_generation: u64,
 }
 
 /// How a session ends.
@@ -110,17 +122,86 @@ impl Drop for Registration {
     }
 }
 
+/// Restricts a filter to the event types the tenant's policy allows: a filter that named no
+/// type gets the allowed ones, a filter naming a type outside them is refused.
+fn narrow_to_policy(
+    filter: SubscriptionFilter,
+    all_types: bool,
+    policy: &TenantPolicy,
+) -> Result<SubscriptionFilter, String> {
+    let Some(allowed) = policy.allowed_event_types else {
+        return Ok(if all_types { filter.with_event_type_mask(0) } else { filter });
+    };
+    if all_types {
+        return Ok(filter.with_event_type_mask(allowed));
+    }
+    let outside = filter.event_type_mask() & !allowed;
+    if outside == 0 {
+        return Ok(filter);
+    }
+    let names: Vec<&str> =
+        crate::event::EventType::ALL.iter().filter(|t| outside & t.bit() != 0).map(|t| t.as_str()).collect();
+    Err(format!(
+        "event types not allowed for this tenant: {} (allowed: {})",
+        names.join(", "),
+        policy.allowed_event_type_names().join(", ")
+    ))
+}
+
+/// Every label a session's subscriptions must carry: `tenant`, the configured claim labels and
+/// the tenant policy's `mandatory_labels`, each taking its claim's value.
+pub(crate) fn mandatory_labels(
+    auth: &Authenticator,
+    policy: &TenantPolicy,
+    p: &Principal,
+) -> Result<Vec<(String, String)>, crate::auth::AuthError> {
+    use crate::auth::AuthError;
+    let mut labels = auth.mandatory_labels(p)?;
+    for (label, claim) in policy.mandatory_labels.iter() {
+        let value = match p.claims.get(claim) {
+            Some(serde_json::Value::String(v)) if !v.is_empty() && v.len() <= 256 => v.clone(),
+            Some(_) => return Err(AuthError::InvalidClaim(claim.clone())),
+            None => return Err(AuthError::MissingClaim(claim.clone())),
+        };
+        match labels.binary_search_by(|(l, _)| l.as_str().cmp(label)) {
+            Ok(i) if labels[i].1 != value => return Err(AuthError::InvalidClaim(claim.clone())),
+            Ok(_) => {}
+            Err(i) => labels.insert(i, (label.clone(), value)),
+        }
+    }
+    Ok(labels)
+}
+
+/// The message rate of a connection: the tenant's, capped by the service-wide ceiling.
+fn message_quota(settings: &SessionSettings, limits: &Limits) -> Quota {
+    let nz = |v: u32| NonZeroU32::new(v).unwrap_or(NonZeroU32::MIN);
+    let rate = nz(limits.messages_per_second).min(settings.messages_per_second);
+    let burst = nz(limits.message_burst).min(settings.message_burst);
+    Quota::per_second(rate).allow_burst(burst)
+}
+
 fn deadline_for(expires_at: u64, leeway: Duration) -> tokio::time::Instant {
     let left = Duration::from_secs(expires_at.saturating_sub(crate::time::unix_now())).saturating_add(leeway);
     tokio::time::Instant::now() + left.min(MAX_SESSION)
+}
+
+/// One subscription of a session.
+struct Sub {
+    id: String,
+    filter: Arc<SubscriptionFilter>,
+    /// The client named no event type: the filter follows the types the policy allows.
+    all_types: bool,
 }
 
 struct Session {
     ctx: SessionContext,
     conn: Arc<Conn>,
     /// Subscriptions by id: a short vector (a handful per connection, bounded by the limit).
-    subs: Vec<(String, Arc<SubscriptionFilter>)>,
+    subs: Vec<Sub>,
     mandatory: Vec<(String, String)>,
+    /// The policy in force for this session (replaced when a reload changes it).
+    policy: Arc<TenantPolicy>,
+    policy_generation: u64,
     /// The `iss` claim of the session's token: a refresh must come from the same issuer.
     issuer: Option<serde_json::Value>,
     limiter: DefaultDirectRateLimiter,
@@ -143,14 +224,9 @@ struct Session {
 // Boxed on purpose: the spawning task keeps its captures for its whole life, so it holds a
 // pointer, and the allocation is freed here as the session takes the context out.
 #[allow(clippy::boxed_local)]
-pub(crate) fn run(mut socket: Socket, ctx: Box<SessionContext>) -> impl Future<Output = ()> + Send {
-    let mut ctx = *ctx;
-    let conn = ctx.hub.register(
-        std::mem::take(&mut ctx.session_id),
-        ctx.principal.tenant.clone(),
-        ctx.principal.subject.clone(),
-        ctx.remote,
-    );
+pub(crate) fn run(mut socket: Socket, boxed: Box<(SessionContext, Admitted)>) -> impl Future<Output = ()> + Send {
+    let (mut ctx, admitted) = *boxed;
+    let conn = ctx.hub.register(std::mem::take(&mut ctx.session_id), admitted.reservation, ctx.remote);
     ctx.metrics.active_connections.inc();
     ctx.metrics.total_connections.inc();
     let registration = Registration {
@@ -167,7 +243,7 @@ pub(crate) fn run(mut socket: Socket, ctx: Box<SessionContext>) -> impl Future<O
     // The claims were needed to derive the mandatory labels; a refresh only compares the issuer.
     let issuer = ctx.principal.claims.get("iss").cloned();
     ctx.principal.claims = serde_json::Map::new();
-    let quota = Quota::per_second(ctx.settings.messages_per_second).allow_burst(ctx.settings.message_burst);
+    let quota = message_quota(&ctx.settings, &admitted.policy.limits);
     let welcome = ServerMessage::Welcome {
         session_id: conn.session_id.clone(),
         server_time: crate::time::rfc3339_now(),
@@ -185,6 +261,8 @@ pub(crate) fn run(mut socket: Socket, ctx: Box<SessionContext>) -> impl Future<O
         conn,
         subs: Vec::new(),
         mandatory,
+        policy: admitted.policy,
+        policy_generation: admitted.policy_generation,
         issuer,
         refusals: 0,
         refusal_window: Instant::now(),
@@ -298,6 +376,7 @@ impl Session {
 
     /// Drains the outbox into the socket, a few batches at a time.
     async fn flush_outbox(&mut self, socket: &mut Socket) -> Result<(), End> {
+        self.follow_policy(socket).await?;
         if self.conn.take_idle_nudge()
             && self.subs.is_empty()
             && self.last_message.elapsed() >= self.ctx.settings.idle_timeout
@@ -334,7 +413,7 @@ impl Session {
     fn recheck(&mut self, batch: &mut Vec<Arc<Published>>) {
         let Some(limit) = self.recheck_until else { return };
         let passed = batch.last().is_some_and(|e| e.id >= limit) || self.conn.outbox.len() == 0;
-        batch.retain(|e| e.id > limit || self.subs.iter().any(|(_, f)| f.matches(&e.routing)));
+        batch.retain(|e| e.id > limit || self.subs.iter().any(|s| s.filter.matches(&e.routing)));
         if passed {
             self.recheck_until = None;
         }
@@ -427,6 +506,99 @@ impl Session {
         self.send(socket, ServerMessage::from_error(e)).await
     }
 
+    /// The message rate and burst in force: the tenant's, capped by the service-wide ceiling.
+    fn message_limits(&self) -> (u32, u32) {
+        let (l, s) = (&self.policy.limits, &self.ctx.settings);
+        (l.messages_per_second.min(s.messages_per_second.get()), l.message_burst.min(s.message_burst.get()))
+    }
+
+    /// Subscriptions one connection may hold: the tenant's, capped by the service-wide ceiling.
+    fn max_subscriptions(&self) -> usize {
+        (self.policy.limits.max_subscriptions_per_connection as usize).min(self.ctx.settings.max_subscriptions)
+    }
+
+    /// After a policy reload: ends the session if its tenant, subject or token is no longer
+    /// admitted (4003) or its mandatory labels changed; otherwise takes the new limits and
+    /// removes the subscriptions whose event types are no longer allowed (`error
+    /// forbidden_filter` + `unsubscribed` each).
+    async fn apply_policy(&mut self, socket: &mut Socket) -> Result<(), End> {
+        let store = Arc::clone(&self.ctx.policies);
+        self.policy_generation = store.generation();
+        let set = store.current();
+        let p = &self.ctx.principal;
+        let admission = set.admit_principal(&p.tenant, &p.subject, &p.token_id);
+        let reason = match admission {
+            Admission::Allowed => None,
+            Admission::UnknownTenant | Admission::Disabled => Some(CloseReason::TenantDisabled),
+            Admission::SubjectRevoked => Some(CloseReason::SubjectRevoked),
+            Admission::TokenRevoked => Some(CloseReason::TokenRevoked),
+        };
+        let Some(policy) = set.get(&p.tenant).filter(|_| reason.is_none()) else {
+            return Err(End::Close(reason.unwrap_or(CloseReason::TenantDisabled)));
+        };
+        if Arc::ptr_eq(policy, &self.policy) || **policy == *self.policy {
+            return Ok(());
+        }
+        if policy.mandatory_labels != self.policy.mandatory_labels {
+            return Err(End::Close(CloseReason::PolicyChanged));
+        }
+        let old_limits = self.message_limits();
+        self.policy = Arc::clone(policy);
+        if self.message_limits() != old_limits {
+            self.limiter = RateLimiter::direct(message_quota(&self.ctx.settings, &self.policy.limits));
+        }
+        let mut removed = Vec::new();
+        let mut changed = false;
+        let mut kept = Vec::with_capacity(self.subs.len());
+        for sub in std::mem::take(&mut self.subs) {
+            let current = (*sub.filter).clone();
+            match narrow_to_policy(current, sub.all_types, &self.policy) {
+                Ok(f) if f == *sub.filter => kept.push(sub),
+                Ok(f) => {
+                    changed = true;
+                    kept.push(Sub { filter: Arc::new(f), ..sub });
+                }
+                Err(message) => {
+                    changed = true;
+                    removed.push((sub.id, message));
+                }
+            }
+        }
+        self.subs = kept;
+        if !changed {
+            return Ok(());
+        }
+        self.publish_filters();
+        if let Some(last) = self.conn.outbox.last_queued() {
+            self.recheck_until = Some(self.recheck_until.map_or(last, |r| r.max(last)));
+        }
+        for (id, message) in removed {
+            tracing::info!(session_id = %self.conn.session_id, subscription_id = %id, "subscription removed by policy");
+            let record = self
+                .audit_record(Kind::SubscriptionRemoved)
+                .reason("forbidden_filter")
+                .field("subscription_id", id.clone())
+                .field("by", "policy_reload");
+            self.ctx.audit.record(record).await;
+            let e = ProtocolError {
+                code: ErrorCode::ForbiddenFilter,
+                message: format!("removed by a policy change: {message}"),
+                subscription_id: Some(id.clone()),
+            };
+            self.client_error(socket, e).await?;
+            self.send(socket, ServerMessage::Unsubscribed { subscription_id: id }).await?;
+        }
+        Ok(())
+    }
+
+    /// Applies a policy reload the session has not seen yet.
+    async fn follow_policy(&mut self, socket: &mut Socket) -> Result<(), End> {
+        if self.ctx.policies.generation() == self.policy_generation {
+            return Ok(());
+        }
+        Box::pin(self.apply_policy(socket)).await
+    }
+
     /// Applies the per-connection message rate; persistent violation closes with 4029. The
     /// first refusal of a window is audited (`rate_limit.tripped`), not every one.
     async fn admit(&mut self) -> Result<bool, End> {
@@ -441,8 +613,8 @@ impl Session {
                 .audit_record(Kind::RateLimitTripped)
                 .reason("rate_limited")
                 .field("scope", "message")
-                .field("limit_per_second", self.ctx.settings.messages_per_second.get())
-                .field("burst", self.ctx.settings.message_burst.get());
+                .field("limit_per_second", self.message_limits().0)
+                .field("burst", self.message_limits().1);
             self.ctx.audit.record(record).await;
         }
         self.refusals += 1;
@@ -492,12 +664,14 @@ impl Session {
         }
         self.last_message = Instant::now();
         self.conn.touch(&self.ctx.hub);
+        self.follow_policy(socket).await?;
         if !self.admit().await? {
             let e = ProtocolError {
                 code: ErrorCode::RateLimited,
                 message: format!(
                     "more than {} messages per second (burst {}); slow down",
-                    self.ctx.settings.messages_per_second, self.ctx.settings.message_burst
+                    self.message_limits().0,
+                    self.message_limits().1
                 ),
                 subscription_id: None,
             };
@@ -518,7 +692,7 @@ impl Session {
     }
 
     fn publish_filters(&self) {
-        let filters: Arc<[Arc<SubscriptionFilter>]> = self.subs.iter().map(|(_, f)| Arc::clone(f)).collect();
+        let filters: Arc<[Arc<SubscriptionFilter>]> = self.subs.iter().map(|s| Arc::clone(&s.filter)).collect();
         self.ctx.hub.set_filters(&self.conn, filters);
     }
 
@@ -535,15 +709,17 @@ impl Session {
                     let e = err(ErrorCode::NotSupported, "resume_from is not supported yet".into(), Some(&id));
                     return self.refuse_subscription(socket, e).await;
                 }
-                if self.subs.iter().any(|(k, _)| *k == id) {
+                if self.subs.iter().any(|s| s.id == id) {
                     let e =
                         err(ErrorCode::DuplicateSubscription, format!("subscription `{id}` already exists"), Some(&id));
                     return self.refuse_subscription(socket, e).await;
                 }
-                if self.subs.len() >= self.ctx.settings.max_subscriptions {
+                let max = self.max_subscriptions();
+                if self.subs.len() >= max {
+                    self.ctx.metrics.rate_limited.with_label_values(&["subscriptions"]).inc();
                     let e = err(
                         ErrorCode::TooManySubscriptions,
-                        format!("at most {} subscriptions per connection", self.ctx.settings.max_subscriptions),
+                        format!("at most {max} subscriptions per connection"),
                         Some(&id),
                     );
                     return self.refuse_subscription(socket, e).await;
@@ -560,9 +736,18 @@ impl Session {
                         return self.refuse_subscription(socket, err(code, fe.to_string(), Some(&id))).await;
                     }
                 };
+                let all_types = filter.event_type_mask() == 0;
+                let filter = match narrow_to_policy(filter, all_types, &self.policy) {
+                    Ok(f) => f,
+                    Err(message) => {
+                        return self
+                            .refuse_subscription(socket, err(ErrorCode::ForbiddenFilter, message, Some(&id)))
+                            .await
+                    }
+                };
                 let effective = filter.to_spec();
                 self.subs.reserve_exact(1);
-                self.subs.push((id.clone(), Arc::new(filter)));
+                self.subs.push(Sub { id: id.clone(), filter: Arc::new(filter), all_types });
                 self.publish_filters();
                 tracing::debug!(session_id = %self.conn.session_id, subscription_id = %id, "subscribed");
                 let record = self
@@ -574,7 +759,7 @@ impl Session {
             }
             ClientMessage::Unsubscribe(u) => {
                 let id = u.subscription_id;
-                let Some(at) = self.subs.iter().position(|(k, _)| *k == id) else {
+                let Some(at) = self.subs.iter().position(|s| s.id == id) else {
                     let e = err(ErrorCode::UnknownSubscription, format!("no subscription `{id}`"), Some(&id));
                     return self.client_error(socket, e).await;
                 };
@@ -625,8 +810,9 @@ impl Session {
                 if p.tenant != current.tenant
                     || p.subject != current.subject
                     || p.claims.get("iss") != self.issuer.as_ref()
-                    || self.ctx.policies.admit(&p.tenant) != crate::policy::Admission::Allowed
-                    || self.ctx.auth.mandatory_labels(&p).ok().as_ref() != Some(&self.mandatory) =>
+                    || self.ctx.policies.current().admit_principal(&p.tenant, &p.subject, &p.token_id)
+                        != Admission::Allowed
+                    || mandatory_labels(&self.ctx.auth, &self.policy, &p).ok().as_ref() != Some(&self.mandatory) =>
             {
                 tracing::warn!(session_id = %self.conn.session_id, "refresh for another tenant or subject");
                 let record = self

@@ -21,6 +21,19 @@ pub fn rfc3339_from_unix(secs: u64) -> String {
     OffsetDateTime::from_unix_timestamp(secs).map(format_utc).unwrap_or_else(|_| "9999-12-31T23:59:59Z".to_owned())
 }
 
+/// A Unix time in milliseconds as RFC 3339 UTC.
+pub fn rfc3339_from_unix_ms(ms: u64) -> String {
+    let nanos = i128::from(ms) * 1_000_000;
+    OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .map(format_utc)
+        .unwrap_or_else(|_| "9999-12-31T23:59:59Z".to_owned())
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_now_ms() -> u64 {
+    u64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+}
+
 fn format_utc(t: OffsetDateTime) -> String {
     let t = t.replace_nanosecond(t.microsecond() * 1000).unwrap_or(t);
     t.format(&Rfc3339).unwrap_or_default()
@@ -38,6 +51,8 @@ mod tests {
     #[test]
     fn formats_utc() {
         assert_eq!(rfc3339_from_unix(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_from_unix_ms(1_500), "1970-01-01T00:00:01.5Z");
+        assert!(unix_now_ms() / 1000 >= unix_now().saturating_sub(1));
         let now = rfc3339_now();
         assert!(now.ends_with('Z'), "{now}");
         assert!(OffsetDateTime::parse(&now, &Rfc3339).is_ok());

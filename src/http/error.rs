@@ -36,6 +36,14 @@ impl ApiError {
         ApiError { status, code, message: message.into(), retry_after: None, challenge: None }
     }
 
+    /// 429 `rate_limited` with `Retry-After`.
+    pub fn rate_limited(retry_after_secs: u64, message: impl Into<String>) -> ApiError {
+        ApiError {
+            retry_after: Some(retry_after_secs.max(1)),
+            ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
+        }
+    }
+
     /// 403 for a valid token that lacks a role.
     pub fn insufficient_role(role: &str) -> ApiError {
         let message = format!("the token lacks the role `{role}`");

@@ -1,10 +1,11 @@
-//! The axum router: `/ws` (upgrade), `/v1/events` (publish), `/admin/audit`, `/health`, `/ready`,
+//! The axum router: `/ws` (upgrade), `/v1/events` (publish), `/admin/*`, `/health`, `/ready`,
 //! `/metrics`.
 //!
 //! Routes that need a token sit behind the authentication layer, so nothing unauthenticated
 //! reaches a session or the bus. Handlers translate between HTTP and the library's typed
 //! operations and own no state of their own.
 
+mod admin;
 mod audit;
 mod authn;
 pub mod error;
@@ -16,7 +17,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 
 use crate::audit::AuditLog;
@@ -32,7 +33,9 @@ pub(crate) struct AppState {
     pub(crate) hub: Arc<Hub>,
     pub(crate) bus: Arc<LocalBus>,
     pub(crate) auth: Arc<Authenticator>,
-    pub(crate) policies: Arc<crate::policy::PolicySet>,
+    pub(crate) policies: Arc<crate::policy::store::PolicyStore>,
+    pub(crate) reloader: Arc<crate::reload::Reloader>,
+    pub(crate) limiters: Arc<crate::limits::Limiters>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) audit: AuditLog,
     /// The active audit file, for `GET /admin/audit` (`None` when the log is disabled).
@@ -46,11 +49,21 @@ pub(crate) struct AppState {
 
 /// Builds the router over the shared state.
 pub(crate) fn router(state: Arc<AppState>) -> Router {
-    let authn = || axum::middleware::from_fn_with_state(Arc::clone(&state), authn::require_token);
+    // Layers run outside-in: the per-address limit, then the token and the tenant policy.
+    let authn = || {
+        tower::ServiceBuilder::new()
+            .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), authn::pre_auth_limit))
+            .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), authn::require_token))
+    };
     let mut authenticated = Router::new()
         .route("/ws", get(ws::upgrade))
         .route("/v1/events", post(publish::publish))
         .route("/admin/audit", get(audit::list))
+        .route("/admin/tenants", get(admin::tenants))
+        .route("/admin/tenants/{id}/policy", get(admin::get_policy).put(admin::put_policy))
+        .route("/admin/policies/reload", post(admin::reload))
+        .route("/admin/sessions", get(admin::sessions))
+        .route("/admin/sessions/{id}", delete(admin::kick))
         .route_layer(authn());
     let mut open = Router::new().route("/health", get(health)).route("/ready", get(ready));
     if state.metrics_require_token {

@@ -1,11 +1,12 @@
 //! `POST /v1/events`: one event or an array of them, for a token with role `publisher`.
 //! Every event of the batch is validated before any is published (all or nothing); the answer is
-//! `202 {"message_ids": [...]}` in the order of the body.
+//! `202 {"message_ids": [...]}` in the order of the body. A batch counts as many events against
+//! the tenant's `publishes_per_second` (429 + `Retry-After` when over, audited).
 
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -19,12 +20,24 @@ use crate::event::{Event, ParseEventError, TenantScope};
 
 pub(crate) async fn publish(
     State(state): State<Arc<AppState>>,
+    ConnectInfo(remote): ConnectInfo<std::net::SocketAddr>,
     Extension(principal): Extension<Principal>,
     req: Request<Body>,
 ) -> Response {
+    let headers = req.headers().clone();
     match accept(&state, &principal, req).await {
         Ok(ids) => (StatusCode::ACCEPTED, Json(serde_json::json!({ "message_ids": ids }))).into_response(),
         Err(e) => {
+            if e.code == "rate_limited" {
+                let record = super::audit::from_request(crate::audit::Kind::RateLimitTripped, &headers, remote)
+                    .tenant(principal.tenant.to_string())
+                    .subject(principal.subject.clone())
+                    .token_id(principal.token_id.clone())
+                    .reason("rate_limited")
+                    .field("scope", "publish")
+                    .field("status", e.status.as_u16());
+                state.audit.record(record).await;
+            }
             tracing::info!(tenant = %principal.tenant, subject = %principal.subject, code = e.code, status = e.status.as_u16(), "publish refused");
             e.into_response()
         }
@@ -89,6 +102,29 @@ async fn accept(state: &AppState, principal: &Principal, req: Request<Body>) -> 
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    if let Some(policy) = state.policies.current().get(&principal.tenant) {
+        let limits = &policy.limits;
+        match state.limiters.check_publish(&principal.tenant, events.len(), limits) {
+            Ok(()) => {}
+            Err(crate::limits::Refused::TooLarge { burst }) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "batch_too_large",
+                    format!("{} events exceed the tenant's publish_burst of {burst}; split the batch", events.len()),
+                ))
+            }
+            Err(r) => {
+                state.metrics.rate_limited.with_label_values(&["publish"]).inc();
+                return Err(ApiError::rate_limited(
+                    r.retry_after_secs(),
+                    format!(
+                        "more than {} events per second (burst {}) for this tenant",
+                        limits.publishes_per_second, limits.publish_burst
+                    ),
+                ));
+            }
+        }
+    }
     // A system publisher may name other tenants: each must be admitted too.
     for ev in &events {
         if ev.routing.tenant != principal.tenant {

@@ -1,7 +1,9 @@
-//! `GET /ws`: the upgrade. Runs only after the authentication layer accepted the token; checks
-//! the handshake, selects the `incident-stream.v1` subprotocol when offered, answers 101 and
-//! hands the upgraded connection and the principal to a session. The connection is let in only
-//! once its `connection.accepted` audit record is written (fail closed: 503 `audit_unavailable`).
+//! `GET /ws`: the upgrade. Runs only after the edge layers accepted the address and the token;
+//! checks the handshake, then the tenant policy's connection limits (new connections per minute
+//! per subject: 429; concurrent connections per tenant and per subject: 503), selects the
+//! `incident-stream.v1` subprotocol when offered, answers 101 and hands the upgraded connection
+//! and the principal to a session. The connection is let in only once its `connection.accepted`
+//! audit record is written (fail closed: 503 `audit_unavailable`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,8 +18,9 @@ use super::error::ApiError;
 use super::AppState;
 use crate::audit::Kind;
 use crate::auth::Principal;
+use crate::fanout::CapExceeded;
 use crate::protocol::SUBPROTOCOL;
-use crate::session::{self, SessionContext};
+use crate::session::{self, Admitted, SessionContext};
 use crate::ws::{handshake, WebSocket};
 
 /// Client messages up to this multiple of `max_frame_bytes` are read and discarded, so the
@@ -38,7 +41,14 @@ pub(crate) async fn upgrade(
         let record = audit::rejected(req.headers(), remote, req.uri().path(), &e, Some(principal), None);
         (e, record)
     };
-    let mandatory = match state.auth.mandatory_labels(&principal) {
+    let policy_generation = state.policies.generation();
+    let Some(policy) = state.policies.current().get(&principal.tenant).cloned() else {
+        let e = ApiError::new(StatusCode::FORBIDDEN, "unknown_tenant", "the tenant has no policy on this service");
+        let (e, record) = refuse(e, &principal, &req);
+        state.audit.record(record).await;
+        return e.into_response();
+    };
+    let mandatory = match session::mandatory_labels(&state.auth, &policy, &principal) {
         Ok(m) => m,
         Err(e) => {
             state.metrics.auth_failures.with_label_values(&[e.code()]).inc();
@@ -60,6 +70,38 @@ pub(crate) async fn upgrade(
             let (e, record) =
                 refuse(ApiError::new(StatusCode::BAD_REQUEST, "not_a_websocket_upgrade", message), &principal, &req);
             state.audit.record(record).await;
+            return e.into_response();
+        }
+    };
+    let limits = &policy.limits;
+    if let Err(r) = state.limiters.check_connect(&principal.tenant, &principal.subject, limits) {
+        state.metrics.rate_limited.with_label_values(&["connect"]).inc();
+        tracing::info!(remote = %remote, tenant = %principal.tenant, subject = %principal.subject, "new connections per minute exceeded");
+        let e = ApiError::rate_limited(
+            r.retry_after_secs(),
+            format!("more than {} new connections per minute for this subject", limits.connects_per_minute_per_subject),
+        );
+        let (e, record) = refuse(e, &principal, &req);
+        state.audit.record(record.field("scope", "connect")).await;
+        return e.into_response();
+    }
+    let reservation = match state.hub.reserve(&principal.tenant, &principal.subject, limits) {
+        Ok(r) => r,
+        Err(cap) => {
+            let (scope, message) = match cap {
+                CapExceeded::Tenant(n) => ("tenant_connections", format!("the tenant has its {n} connections open")),
+                CapExceeded::Subject(n) => {
+                    ("subject_connections", format!("this subject has its {n} connections open"))
+                }
+            };
+            state.metrics.rate_limited.with_label_values(&[scope]).inc();
+            tracing::info!(remote = %remote, tenant = %principal.tenant, subject = %principal.subject, scope, "connection cap reached");
+            let e = ApiError {
+                retry_after: Some(5),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "too_many_connections", message)
+            };
+            let (e, record) = refuse(e, &principal, &req);
+            state.audit.record(record.field("scope", scope)).await;
             return e.into_response();
         }
     };
@@ -100,7 +142,7 @@ pub(crate) async fn upgrade(
     let max = state.max_frame_bytes;
     // Boxed: the task keeps what it captured for its whole life; the session takes the context
     // out of the box (freeing it) when it starts.
-    let ctx = Box::new(ctx);
+    let ctx = Box::new((ctx, Admitted { reservation, policy, policy_generation }));
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {

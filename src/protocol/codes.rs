@@ -120,6 +120,16 @@ pub enum CloseReason {
     TokenExpired,
     /// A refresh named another tenant or subject.
     RefreshMismatch,
+    /// A policy reload disabled the tenant (or removed its policy).
+    TenantDisabled,
+    /// A policy reload revoked the session's subject.
+    SubjectRevoked,
+    /// A policy reload revoked the session's token.
+    TokenRevoked,
+    /// A policy reload changed the tenant's mandatory labels: reconnect to get the new ones.
+    PolicyChanged,
+    /// An admin ended the session (`DELETE /admin/sessions/{id}`).
+    Kicked,
     /// A frame exceeded `max_frame_bytes`.
     FrameTooLarge,
     /// The client broke the WebSocket framing rules (unmasked frame, reserved bits, bad opcode…).
@@ -141,6 +151,11 @@ impl CloseReason {
             CloseReason::RateLimited => "rate_limited",
             CloseReason::TokenExpired => "token_expired",
             CloseReason::RefreshMismatch => "token_invalid",
+            CloseReason::TenantDisabled => "tenant_disabled",
+            CloseReason::SubjectRevoked => "subject_revoked",
+            CloseReason::TokenRevoked => "token_revoked",
+            CloseReason::PolicyChanged => "policy_changed",
+            CloseReason::Kicked => "kicked",
             CloseReason::FrameTooLarge => "frame_too_large",
             CloseReason::ProtocolViolation => "protocol_error",
             CloseReason::InvalidUtf8 => "invalid_utf8",
@@ -157,7 +172,12 @@ impl CloseReason {
             CloseReason::SlowConsumer => CloseCode::SlowConsumer,
             CloseReason::RateLimited => CloseCode::RateLimited,
             CloseReason::TokenExpired => CloseCode::TokenExpired,
-            CloseReason::RefreshMismatch => CloseCode::AccessRevoked,
+            CloseReason::RefreshMismatch
+            | CloseReason::TenantDisabled
+            | CloseReason::SubjectRevoked
+            | CloseReason::TokenRevoked
+            | CloseReason::PolicyChanged
+            | CloseReason::Kicked => CloseCode::AccessRevoked,
             CloseReason::FrameTooLarge => CloseCode::MessageTooBig,
             CloseReason::ProtocolViolation => CloseCode::ProtocolError,
             CloseReason::InvalidUtf8 => CloseCode::InvalidPayload,

@@ -60,11 +60,26 @@ pub fn config() -> Config {
     c
 }
 
+/// Defaults of the test policies: limits well above what the tests that are not about limits
+/// reach, and the one browser origin the tests use.
+pub const TEST_DEFAULTS: &str = "enabled = true
+allowed_origins = [\"https://app.example\"]
+[limits]
+max_connections = 100000
+max_connections_per_subject = 100000
+connects_per_minute_per_subject = 100000
+messages_per_second = 100000
+message_burst = 100000
+max_subscriptions_per_connection = 100000
+publishes_per_second = 1000000
+publish_burst = 1000000
+";
+
 /// A fresh policy directory: `_defaults.toml` and one file per `(tenant, enabled)`.
 pub fn policies(tenants: &[(&str, bool)]) -> PathBuf {
     let dir = dev_certs().join("policies");
     std::fs::create_dir_all(&dir).expect("policy dir");
-    std::fs::write(dir.join("_defaults.toml"), "enabled = true\n").expect("defaults");
+    std::fs::write(dir.join("_defaults.toml"), TEST_DEFAULTS).expect("defaults");
     for (t, enabled) in tenants {
         std::fs::write(dir.join(format!("{t}.toml")), format!("tenant = \"{t}\"\nenabled = {enabled}\n"))
             .expect("policy");
@@ -84,6 +99,8 @@ pub fn plain_config() -> Config {
     c.server.shutdown_grace_secs = 3;
     c.websocket.enable_compression = false;
     c.audit.path = fresh_dir().join("audit").join("audit.log");
+    // The per-address limit is off except in the tests about it: every test client is 127.0.0.1.
+    c.limits.handshakes_per_second_per_ip = 0;
     c.auth.keys = vec![KeyConfig {
         kid: KID.into(),
         algorithm: "HS256".into(),
@@ -292,6 +309,12 @@ pub struct Client {
     pub welcome: Value,
 }
 
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Client({})", self.welcome)
+    }
+}
+
 impl Client {
     /// Connects with a bearer token and waits for `welcome`.
     pub async fn connect(server: &TestServer, token: &str) -> Client {
@@ -414,4 +437,102 @@ pub fn reference_matches(filter: &Value, ev: &Value) -> bool {
         && any("incident_ids", "incident_id")
         && res
         && labels
+}
+
+/// Every complete record of the audit log at `path` (rotated files first).
+pub fn audit_records(path: &Path) -> Vec<Value> {
+    let mut out = Vec::new();
+    for (file, _) in incident_stream::audit::log_files(path).unwrap_or_default() {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        out.extend(text.lines().filter_map(|l| serde_json::from_str(l).ok()));
+    }
+    out
+}
+
+/// Waits (bounded) for an audit record matching `pred` and returns it.
+pub async fn wait_audit(path: &Path, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(r) = audit_records(path).into_iter().rev().find(|r| pred(r)) {
+            return r;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no audit record: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A test configuration (TLS) whose policy directory holds the test defaults, every test
+/// tenant, and the given tenant files (`(tenant, TOML after its tenant key)`).
+pub fn policy_config(tenants: &[(&str, &str)]) -> Config {
+    let mut c = config();
+    let dir = fresh_dir().join("policies");
+    std::fs::create_dir_all(&dir).expect("policy dir");
+    std::fs::write(dir.join("_defaults.toml"), TEST_DEFAULTS).expect("defaults");
+    for t in TENANTS {
+        write_tenant(&dir, t, "");
+    }
+    for (t, extra) in tenants {
+        write_tenant(&dir, t, extra);
+    }
+    c.policies.dir = dir;
+    c
+}
+
+/// Writes `<tenant>.toml` with `extra` after the tenant key.
+pub fn write_tenant(dir: &Path, tenant: &str, extra: &str) {
+    std::fs::write(dir.join(format!("{tenant}.toml")), format!("tenant = \"{tenant}\"\n{extra}")).expect("tenant file");
+}
+
+/// How an upgrade attempt ended when it was refused: status, JSON body, `Retry-After`.
+#[derive(Debug)]
+pub struct Refused {
+    pub status: u16,
+    pub body: Value,
+    pub retry_after: Option<u64>,
+}
+
+impl Refused {
+    pub fn code(&self) -> &str {
+        self.body["code"].as_str().unwrap_or_default()
+    }
+}
+
+/// Tries to open a session (from `local`, when given, e.g. 127.0.0.2) with a bearer token and
+/// extra headers: the welcomed client, or the refusal.
+pub async fn try_connect(
+    server: &TestServer,
+    token: &str,
+    headers: &[(&'static str, &str)],
+    local: Option<std::net::IpAddr>,
+) -> Result<Client, Refused> {
+    use tokio_tungstenite::tungstenite::Error;
+    let mut req = server.ws_url().into_client_request().expect("request");
+    req.headers_mut().insert("authorization", format!("Bearer {token}").parse().expect("header"));
+    for (k, v) in headers {
+        req.headers_mut().insert(*k, v.parse().expect("header value"));
+    }
+    let socket = if server.addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() };
+    let socket = socket.expect("socket");
+    if let Some(ip) = local {
+        socket.bind(SocketAddr::new(ip, 0)).expect("bind the client address");
+    }
+    let tcp = tokio::time::timeout(WAIT, socket.connect(server.addr)).await.expect("connect in time").expect("connect");
+    let connector = server.tls.as_ref().map(|c| Connector::Rustls(Arc::clone(c)));
+    let attempt = tokio_tungstenite::client_async_tls_with_config(req, tcp, None, connector);
+    match tokio::time::timeout(WAIT, attempt).await.expect("upgrade in time") {
+        Ok((ws, _)) => {
+            let mut c = Client { ws, welcome: Value::Null };
+            let w = c.recv().await;
+            assert_eq!(w["type"], "welcome", "{w}");
+            c.welcome = w;
+            Ok(c)
+        }
+        Err(Error::Http(resp)) => {
+            let body = resp.body().as_deref().map(|b| serde_json::from_slice(b).unwrap_or(Value::Null));
+            let retry_after =
+                resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+            Err(Refused { status: resp.status().as_u16(), body: body.unwrap_or(Value::Null), retry_after })
+        }
+        Err(e) => panic!("upgrade failed without an HTTP answer: {e}"),
+    }
 }
