@@ -14,7 +14,7 @@
 //! - [`bus`]: where events get ids and their one serialized frame.
 //! - `fanout` (hub, dispatcher, cleanup) and `outbox` (per-connection bounded queue).
 //! - `session`: one connection's lifecycle.
-//! - `limits`: governor rate limits with a bounded number of keys.
+//! - [`limits`]: governor rate limits with a bounded number of keys.
 //! - `reload`: live policy reloads (watcher, SIGHUP, admin API), all or nothing.
 //! - `http`: the axum routes.
 //! - [`server`]: assembling, running, embedding, shutting down.
@@ -33,7 +33,7 @@ pub mod event;
 mod fanout;
 pub mod filter;
 pub mod http;
-mod limits;
+pub mod limits;
 pub mod listener;
 pub mod metrics;
 mod outbox;

@@ -33,7 +33,7 @@ const SWEEP_ON_FULL_EVERY: Duration = Duration::from_secs(1);
 
 /// Why a check refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Refused {
+pub enum Refused {
     /// Over the rate: try again after this long.
     Wait(Duration),
     /// The request is larger than the burst and can never pass (a batch over `publish_burst`).
@@ -45,7 +45,7 @@ pub(crate) enum Refused {
 
 impl Refused {
     /// Whole seconds for `Retry-After` (at least 1).
-    pub(crate) fn retry_after_secs(self) -> u64 {
+    pub fn retry_after_secs(self) -> u64 {
         match self {
             Refused::Wait(d) => (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1),
             Refused::TooLarge { .. } => 1,
@@ -54,7 +54,7 @@ impl Refused {
 }
 
 /// A keyed limiter with a bounded number of keys.
-pub(crate) struct KeyedLimiter<K: Hash + Eq + Clone> {
+pub struct KeyedLimiter<K: Hash + Eq + Clone> {
     limiter: DefaultKeyedRateLimiter<K>,
     overflow: DefaultDirectRateLimiter,
     max_keys: usize,
@@ -63,7 +63,8 @@ pub(crate) struct KeyedLimiter<K: Hash + Eq + Clone> {
 }
 
 impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
-    pub(crate) fn new(quota: Quota, max_keys: usize) -> Self {
+    /// A limiter with `quota` per key, tracking at most `max_keys` keys.
+    pub fn new(quota: Quota, max_keys: usize) -> Self {
         KeyedLimiter {
             limiter: RateLimiter::keyed(quota),
             overflow: RateLimiter::direct(quota),
@@ -74,7 +75,7 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     }
 
     /// Takes `n` cells for `key`.
-    pub(crate) fn check_n(&self, key: &K, n: NonZeroU32) -> Result<(), Refused> {
+    pub fn check_n(&self, key: &K, n: NonZeroU32) -> Result<(), Refused> {
         let outcome = if self.limiter.len() >= self.max_keys && !self.sweep_when_full() {
             self.overflow.check_n(n)
         } else {
@@ -88,7 +89,7 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     }
 
     /// Takes one cell for `key`.
-    pub(crate) fn check(&self, key: &K) -> Result<(), Refused> {
+    pub fn check(&self, key: &K) -> Result<(), Refused> {
         self.check_n(key, NonZeroU32::MIN)
     }
 
@@ -106,19 +107,24 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     }
 
     /// Drops every key whose state is the same as a fresh key's, and frees the room.
-    pub(crate) fn sweep(&self) {
+    pub fn sweep(&self) {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
     }
 
     /// Keys currently held.
-    pub(crate) fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.limiter.len()
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.limiter.is_empty()
     }
 }
 
 /// The key of a client address: the address itself for IPv4, the /64 for IPv6.
-pub(crate) fn ip_key(ip: IpAddr) -> IpAddr {
+pub fn ip_key(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
