@@ -3,9 +3,11 @@
 //! A keyed limiter keeps one small state per key. Keys come from outside (client addresses,
 //! token subjects), so their number is bounded here rather than trusted: a sweep drops every key
 //! whose state is indistinguishable from a fresh one (governor's `retain_recent`), runs
-//! periodically and whenever the table is full, and while it is still full after a sweep, new
-//! keys share one overflow bucket. A spray of distinct keys therefore costs at most
-//! `max_keys` states and can only make the limit stricter for the sprayer, never lift it.
+//! periodically and whenever the table is full, and while it is still full after a sweep, keys
+//! not in the table share one overflow bucket ([`BoundedStore`], a governor state store); keys
+//! already tracked keep their own. A spray of distinct keys therefore costs at most `max_keys`
+//! states, can only make the limit stricter for the sprayer, and cannot push clients that are
+//! already tracked into the sprayer's bucket.
 //!
 //! IPv6 clients are keyed by their /64 (one subscriber line holds a whole /64).
 //!
@@ -23,7 +25,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::nanos::Nanos;
+use governor::state::direct::NotKeyed;
+use governor::state::keyed::{DashMapStateStore, ShrinkableKeyedStateStore};
+use governor::state::{InMemoryState, StateStore};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::event::TenantId;
 use crate::policy::{Limits, PolicySet};
@@ -53,10 +59,48 @@ impl Refused {
     }
 }
 
+/// A governor state store holding at most `max_keys` keys (give or take the checks racing at the
+/// moment it fills): a key it does not hold while full is measured against one shared overflow
+/// state instead of being inserted.
+pub struct BoundedStore<K: Hash + Eq + Clone> {
+    keys: DashMapStateStore<K>,
+    overflow: InMemoryState,
+    max_keys: usize,
+}
+
+impl<K: Hash + Eq + Clone> StateStore for BoundedStore<K> {
+    type Key = K;
+
+    fn measure_and_replace<T, F, E>(&self, key: &K, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        if self.keys.len() < self.max_keys || self.keys.contains_key(key) {
+            self.keys.measure_and_replace(key, f)
+        } else {
+            self.overflow.measure_and_replace(&NotKeyed::NonKey, f)
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone> ShrinkableKeyedStateStore<K> for BoundedStore<K> {
+    fn retain_recent(&self, drop_below: Nanos) {
+        self.keys.retain_recent(drop_below);
+    }
+    fn shrink_to_fit(&self) {
+        ShrinkableKeyedStateStore::shrink_to_fit(&self.keys);
+    }
+    fn len(&self) -> usize {
+        self.keys.len()
+    }
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
 /// A keyed limiter with a bounded number of keys.
 pub struct KeyedLimiter<K: Hash + Eq + Clone> {
-    limiter: DefaultKeyedRateLimiter<K>,
-    overflow: DefaultDirectRateLimiter,
+    limiter: RateLimiter<K, BoundedStore<K>, DefaultClock>,
     max_keys: usize,
     last_full_sweep: Mutex<Option<Instant>>,
     clock: DefaultClock,
@@ -65,10 +109,11 @@ pub struct KeyedLimiter<K: Hash + Eq + Clone> {
 impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     /// A limiter with `quota` per key, tracking at most `max_keys` keys.
     pub fn new(quota: Quota, max_keys: usize) -> Self {
+        let max_keys = max_keys.max(1);
+        let store = BoundedStore { keys: DashMapStateStore::default(), overflow: InMemoryState::default(), max_keys };
         KeyedLimiter {
-            limiter: RateLimiter::keyed(quota),
-            overflow: RateLimiter::direct(quota),
-            max_keys: max_keys.max(1),
+            limiter: RateLimiter::new(quota, store, DefaultClock::default()),
+            max_keys,
             last_full_sweep: Mutex::new(None),
             clock: DefaultClock::default(),
         }
@@ -76,12 +121,10 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
 
     /// Takes `n` cells for `key`.
     pub fn check_n(&self, key: &K, n: NonZeroU32) -> Result<(), Refused> {
-        let outcome = if self.limiter.len() >= self.max_keys && !self.sweep_when_full() {
-            self.overflow.check_n(n)
-        } else {
-            self.limiter.check_key_n(key, n)
-        };
-        match outcome {
+        if self.limiter.len() >= self.max_keys {
+            self.sweep_when_full();
+        }
+        match self.limiter.check_key_n(key, n) {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(not_until)) => Err(Refused::Wait(not_until.wait_time_from(self.clock.now()))),
             Err(governor::InsufficientCapacity(burst)) => Err(Refused::TooLarge { burst }),
@@ -93,17 +136,16 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
         self.check_n(key, NonZeroU32::MIN)
     }
 
-    /// Sweeps a full table (at most once per [`SWEEP_ON_FULL_EVERY`]); true if room was made.
-    fn sweep_when_full(&self) -> bool {
+    /// Sweeps a full table, at most once per [`SWEEP_ON_FULL_EVERY`].
+    fn sweep_when_full(&self) {
         {
             let mut last = self.last_full_sweep.lock().unwrap_or_else(|p| p.into_inner());
             if last.is_some_and(|t| t.elapsed() < SWEEP_ON_FULL_EVERY) {
-                return false;
+                return;
             }
             *last = Some(Instant::now());
         }
         self.sweep();
-        self.limiter.len() < self.max_keys
     }
 
     /// Drops every key whose state is the same as a fresh key's, and frees the room.
@@ -288,6 +330,23 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         fast.sweep();
         assert_eq!(fast.len(), 0);
+    }
+
+    #[test]
+    fn tracked_keys_keep_their_own_bucket_while_a_spray_fills_the_table() {
+        const MAX: usize = 100;
+        let l = KeyedLimiter::new(Quota::per_minute(nz(1)).allow_burst(nz(3)), MAX);
+        let client = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+        assert_eq!(l.check(&client), Ok(()));
+        for i in 0..10_000u32 {
+            let _ = l.check(&IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)));
+        }
+        assert!(l.len() <= MAX + 1);
+        // The overflow bucket is exhausted by the spray, the tracked client is not.
+        assert!(l.check(&IpAddr::V4(Ipv4Addr::new(10, 99, 0, 1))).is_err());
+        assert_eq!(l.check(&client), Ok(()));
+        assert_eq!(l.check(&client), Ok(()));
+        assert!(l.check(&client).is_err(), "and its own limit still holds");
     }
 
     #[test]

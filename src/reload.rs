@@ -80,7 +80,8 @@ fn fingerprint(dir: &Path) -> Fingerprint {
         if !name.ends_with(".toml") || name.starts_with('.') {
             continue;
         }
-        let meta = e.metadata().ok();
+        // Follows symlinks: a Kubernetes ConfigMap re-points `..data`, not the file names.
+        let meta = std::fs::metadata(e.path()).ok();
         out.push((name, meta.as_ref().map_or(0, |m| m.len()), meta.and_then(|m| m.modified().ok())));
     }
     out.sort();
@@ -250,13 +251,18 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
+        std::fs::rename(&tmp, path)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
+        return result;
     }
-    result
+    // The new file is in place (and what readers see) from the rename on; a failed directory
+    // fsync only weakens its durability across a power loss, so it is reported, not failed.
+    if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+        tracing::warn!(dir = %dir.display(), error = %e, "policy directory not fsynced after a write");
+    }
+    Ok(())
 }
 
 /// The file watcher: looks at the directory every `interval` and reloads once a change has held

@@ -303,13 +303,10 @@ impl Server {
             }
         });
         let mut tasks = vec![dispatcher, cleanup, sweeper];
-        let reloader = Arc::clone(&self.state.reloader);
         if self.config.policies.watch {
             let every = Duration::from_millis(self.config.policies.watch_interval_ms);
-            tasks.push(tokio::spawn(crate::reload::run_watcher(Arc::clone(&reloader), every)));
+            tasks.push(tokio::spawn(crate::reload::run_watcher(Arc::clone(&self.state.reloader), every)));
         }
-        #[cfg(unix)]
-        tasks.push(tokio::spawn(crate::reload::run_sighup(reloader)));
         if let Some(w) = self.audit_writer {
             tasks.push(tokio::spawn(w.run()));
         }
@@ -343,6 +340,10 @@ impl Server {
         listener.set_nonblocking(true).map_err(io)?;
         let local_addr = listener.local_addr().map_err(io)?;
         let (config, state, mut tasks) = self.spawn_tasks();
+        // Only a server that owns the process listens for SIGHUP; an embedded one leaves the
+        // process's signals to its host (reload through the watcher or the admin API).
+        #[cfg(unix)]
+        tasks.push(tokio::spawn(crate::reload::run_sighup(Arc::clone(&state.reloader))));
         let hub = Arc::clone(&state.hub);
         let audit = state.audit.clone();
         let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();

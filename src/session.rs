@@ -227,6 +227,10 @@ struct Session {
 pub(crate) fn run(mut socket: Socket, boxed: Box<(SessionContext, Admitted)>) -> impl Future<Output = ()> + Send {
     let (mut ctx, admitted) = *boxed;
     let conn = ctx.hub.register(std::mem::take(&mut ctx.session_id), admitted.reservation, ctx.remote);
+    if ctx.policies.generation() != admitted.policy_generation {
+        // A reload landed between admission and registration; its wake-up missed this session.
+        conn.outbox.wake();
+    }
     ctx.metrics.active_connections.inc();
     ctx.metrics.total_connections.inc();
     let registration = Registration {
@@ -362,6 +366,10 @@ impl Session {
                 }
                 Wake::Heartbeat if awaiting_pong => Err(End::Close(CloseReason::HeartbeatTimeout)),
                 Wake::Heartbeat => {
+                    // A quiet session still re-checks the policy at least once per heartbeat.
+                    if let Err(end) = self.follow_policy(socket).await {
+                        return end;
+                    }
                     awaiting_pong = true;
                     socket.queue_ping();
                     self.guarded(socket.flush()).await
@@ -541,6 +549,9 @@ impl Session {
         }
         if policy.mandatory_labels != self.policy.mandatory_labels {
             return Err(End::Close(CloseReason::PolicyChanged));
+        }
+        if !policy.allows_origin(self.ctx.origin.as_deref()) {
+            return Err(End::Close(CloseReason::OriginNotAllowed));
         }
         let old_limits = self.message_limits();
         self.policy = Arc::clone(policy);

@@ -127,6 +127,11 @@ async fn a_put_is_validated_with_the_whole_set_written_atomically_and_in_force_a
         assert!(r.json()["errors"].to_string().contains(needle), "{needle}: {}", r.body);
         assert_eq!(file(&dir, "acme"), before, "nothing written");
     }
+    // The directory's own files cannot be written through the API.
+    let r =
+        call(&server, "PUT", "/admin/tenants/_defaults/policy", Some(&admin()), Some("tenant = \"_defaults\"\n")).await;
+    assert_eq!((r.status, r.json()["code"].as_str()), (400, Some("invalid_tenant")));
+    assert!(std::fs::read_to_string(dir.join("_defaults.toml")).expect("defaults").starts_with("enabled = true"));
     let rec =
         wait_audit(&audit, "rejected put", |r| r["kind"] == "policy.rejected" && r["trigger"] == "admin_put").await;
     assert_eq!(rec["subject"], "root");

@@ -190,3 +190,48 @@ async fn narrowing_event_types_removes_the_subscriptions_that_asked_for_others()
     assert_eq!(s["filters"]["event_types"], json!(["incident_resolved", "escalated"]));
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn policy_mandatory_labels_bind_subscriptions_and_a_change_closes_sessions() {
+    let (server, dir, _audit) = watched(&[("acme", "[mandatory_labels]\nteam = \"team\"\n")]).await;
+    let now = jsonwebtoken::get_current_timestamp();
+    let with_team =
+        |team: &str| common::sign(json!({"sub": "alice", "tenant": "acme", "team": team, "exp": now + 300}));
+    // A token without the claim the policy maps is refused at the door.
+    let r = try_connect(&server, &token("acme", "alice", &[], 60), &[], None).await.expect_err("no team claim");
+    assert_eq!((r.status, r.code()), (401, "missing_claim"));
+    let mut red = Client::connect(&server, &with_team("red")).await;
+    let s = red.subscribe("mine", json!({})).await;
+    assert_eq!(s["filters"]["labels"], json!({"team": "red", "tenant": "acme"}));
+    red.send(json!({"type": "subscribe", "subscription_id": "theirs", "filters": {"labels": {"team": "blue"}}})).await;
+    assert_eq!(red.recv().await["code"], "forbidden_filter");
+    server.publish("acme", &json!([{"event_type": "escalated", "labels": {"team": "blue"}}, {"event_type": "escalated", "labels": {"team": "red"}}])).await;
+    let ev = red.recv().await;
+    assert_eq!(ev["event"]["labels"]["team"], "red");
+    red.expect_silence(Duration::from_millis(200)).await;
+    // Other tenants are not bound by acme's labels.
+    let mut g = Client::as_user(&server, "globex", "gina").await;
+    assert_eq!(g.subscribe("all", json!({})).await["filters"]["labels"], json!({"tenant": "globex"}));
+    // Changing the mapping closes acme's sessions so they come back with the new labels.
+    write_tenant(&dir, "acme", "[mandatory_labels]\nteam = \"squad\"\n");
+    let (_, code, reason) = red.read_until_close().await;
+    assert_eq!((code, reason.as_str()), (4003, "policy_changed"));
+    g.assert_alive().await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn removing_an_origin_closes_the_sessions_that_came_from_it() {
+    let (server, dir, _audit) =
+        watched(&[("acme", "allowed_origins = [\"https://a.example\", \"https://b.example\"]\n")]).await;
+    let t = token("acme", "alice", &[], 300);
+    let mut from_a = try_connect(&server, &t, &[("origin", "https://a.example")], None).await.expect("a");
+    let mut from_b = try_connect(&server, &t, &[("origin", "https://b.example")], None).await.expect("b");
+    let mut program = try_connect(&server, &t, &[], None).await.expect("no origin");
+    write_tenant(&dir, "acme", "allowed_origins = [\"https://b.example\"]\n");
+    let (_, code, reason) = from_a.read_until_close().await;
+    assert_eq!((code, reason.as_str()), (4003, "origin_not_allowed"));
+    from_b.assert_alive().await;
+    program.assert_alive().await;
+    server.shutdown().await;
+}

@@ -152,7 +152,13 @@ fn require_admin(caller: &Caller) -> Result<(), ApiError> {
     }
 }
 
+/// A tenant id from the path. Names starting with `_` are reserved for the directory's own files
+/// (`_defaults.toml`): a `PUT` must never be able to replace them.
 fn tenant_id(id: &str) -> Result<TenantId, ApiError> {
+    if id.starts_with('_') {
+        let m = format!("`{id}`: tenant ids starting with `_` are reserved");
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_tenant", m));
+    }
     TenantId::new(id).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_tenant", e.to_string()))
 }
 

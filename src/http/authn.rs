@@ -42,7 +42,7 @@ pub(crate) fn admit(state: &AppState, tenant: &TenantId) -> Result<(), ApiError>
 }
 
 /// The whole policy check of a verified principal on a request.
-fn admit_request(set: &PolicySet, p: &Principal, origin: Option<&str>) -> Result<(), ApiError> {
+pub(super) fn admit_request(set: &PolicySet, p: &Principal, origin: Option<&str>) -> Result<(), ApiError> {
     refusal(set.admit_principal(&p.tenant, &p.subject, &p.token_id), &p.tenant)?;
     let allowed = set.get(&p.tenant).is_some_and(|policy| policy.allows_origin(origin));
     if !allowed {

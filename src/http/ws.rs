@@ -41,13 +41,27 @@ pub(crate) async fn upgrade(
         let record = audit::rejected(req.headers(), remote, req.uri().path(), &e, Some(principal), None);
         (e, record)
     };
+    // The generation first, then the set: a reload in between makes the session re-check at once.
     let policy_generation = state.policies.generation();
-    let Some(policy) = state.policies.current().get(&principal.tenant).cloned() else {
-        let e = ApiError::new(StatusCode::FORBIDDEN, "unknown_tenant", "the tenant has no policy on this service");
-        let (e, record) = refuse(e, &principal, &req);
-        state.audit.record(record).await;
-        return e.into_response();
+    let set = state.policies.current();
+    // Checked again on this snapshot: a reload since the authentication layer's check must not
+    // let a principal in under a generation it was never checked against.
+    let origin = req.headers().get(header::ORIGIN).map(|v| v.to_str().unwrap_or("(not text)"));
+    let admitted = super::authn::admit_request(&set, &principal, origin).and_then(|()| {
+        set.get(&principal.tenant).cloned().ok_or_else(|| {
+            ApiError::new(StatusCode::FORBIDDEN, "unknown_tenant", "the tenant has no policy on this service")
+        })
+    });
+    let policy = match admitted {
+        Ok(p) => p,
+        Err(e) => {
+            state.metrics.auth_failures.with_label_values(&[e.code]).inc();
+            let (e, record) = refuse(e, &principal, &req);
+            state.audit.record(record).await;
+            return e.into_response();
+        }
     };
+    drop(set);
     let mandatory = match session::mandatory_labels(&state.auth, &policy, &principal) {
         Ok(m) => m,
         Err(e) => {

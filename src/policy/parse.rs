@@ -15,6 +15,8 @@ use crate::event::{EventType, TenantId};
 
 /// Longest label, claim, subject or token id a policy may name.
 const MAX_NAME_BYTES: usize = 256;
+/// Most mandatory labels besides `tenant` (a filter holds at most `filter::MAX_LABELS` in all).
+const MAX_MANDATORY_LABELS: usize = 16;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -154,6 +156,12 @@ impl FileCheck<'_> {
             }
             c.mandatory_labels.insert(label.into_inner(), claim.into_inner());
         }
+        if c.mandatory_labels.len() > MAX_MANDATORY_LABELS {
+            self.errors.push(PolicyError::Invalid {
+                path: self.path.to_owned(),
+                message: format!("key `mandatory_labels`: at most {MAX_MANDATORY_LABELS} labels besides `tenant`"),
+            });
+        }
         if let Some(origins) = raw.allowed_origins {
             let mut out = BTreeSet::new();
             for o in origins {
@@ -229,6 +237,10 @@ pub(super) fn parse_set(
         };
         let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
         let id = match raw.tenant.take() {
+            Some(t) if stem.starts_with('_') => {
+                fc.error(t.span(), "tenant", "file names starting with `_` are reserved for the service's own files");
+                None
+            }
             None => {
                 fc.errors.push(PolicyError::Invalid {
                     path: path.clone(),

@@ -130,6 +130,8 @@ pub enum CloseReason {
     PolicyChanged,
     /// An admin ended the session (`DELETE /admin/sessions/{id}`).
     Kicked,
+    /// A policy reload removed the browser origin the session connected from.
+    OriginNotAllowed,
     /// A frame exceeded `max_frame_bytes`.
     FrameTooLarge,
     /// The client broke the WebSocket framing rules (unmasked frame, reserved bits, bad opcode…).
@@ -156,6 +158,7 @@ impl CloseReason {
             CloseReason::TokenRevoked => "token_revoked",
             CloseReason::PolicyChanged => "policy_changed",
             CloseReason::Kicked => "kicked",
+            CloseReason::OriginNotAllowed => "origin_not_allowed",
             CloseReason::FrameTooLarge => "frame_too_large",
             CloseReason::ProtocolViolation => "protocol_error",
             CloseReason::InvalidUtf8 => "invalid_utf8",
@@ -177,7 +180,8 @@ impl CloseReason {
             | CloseReason::SubjectRevoked
             | CloseReason::TokenRevoked
             | CloseReason::PolicyChanged
-            | CloseReason::Kicked => CloseCode::AccessRevoked,
+            | CloseReason::Kicked
+            | CloseReason::OriginNotAllowed => CloseCode::AccessRevoked,
             CloseReason::FrameTooLarge => CloseCode::MessageTooBig,
             CloseReason::ProtocolViolation => CloseCode::ProtocolError,
             CloseReason::InvalidUtf8 => CloseCode::InvalidPayload,
