@@ -233,18 +233,15 @@ impl Limiters {
         self.ip.as_ref().map_or(Ok(()), |l| l.check(&ip_key(ip)))
     }
 
+    /// The tenant's limiters, created on first use from `limits`. Quota changes are applied by
+    /// [`Limiters::sync`] when a reload installs a set, not here: a request still holding the
+    /// previous set must not rebuild (and so reset) the limiters back and forth.
     fn tenant(&self, tenant: &TenantId, limits: &Limits) -> Arc<TenantLimiters> {
         if let Some(t) = self.tenants.read().unwrap_or_else(|p| p.into_inner()).get(tenant) {
-            if t.same_quotas(limits) {
-                return Arc::clone(t);
-            }
+            return Arc::clone(t);
         }
         let mut map = self.tenants.write().unwrap_or_else(|p| p.into_inner());
-        let entry = map.entry(tenant.clone()).or_insert_with(|| Arc::new(TenantLimiters::new(*limits, self.max_keys)));
-        if !entry.same_quotas(limits) {
-            *entry = Arc::new(TenantLimiters::new(*limits, self.max_keys));
-        }
-        Arc::clone(entry)
+        Arc::clone(map.entry(tenant.clone()).or_insert_with(|| Arc::new(TenantLimiters::new(*limits, self.max_keys))))
     }
 
     /// A new connection of `subject`: `connects_per_minute_per_subject`.
@@ -263,9 +260,18 @@ impl Limiters {
         }
     }
 
-    /// After a reload: forgets tenants that no longer have a policy.
-    pub(crate) fn retain_tenants(&self, set: &PolicySet) {
-        self.tenants.write().unwrap_or_else(|p| p.into_inner()).retain(|t, _| set.get(t).is_some());
+    /// When a reload installs `set`: forgets tenants that no longer have a policy and rebuilds
+    /// the limiters whose quotas changed (the others keep their state).
+    pub(crate) fn sync(&self, set: &PolicySet) {
+        let mut map = self.tenants.write().unwrap_or_else(|p| p.into_inner());
+        map.retain(|t, _| set.get(t).is_some());
+        for (t, limiters) in map.iter_mut() {
+            if let Some(policy) = set.get(t) {
+                if !limiters.same_quotas(&policy.limits) {
+                    *limiters = Arc::new(TenantLimiters::new(policy.limits, self.max_keys));
+                }
+            }
+        }
     }
 
     /// Drops stale keys everywhere (run periodically).
@@ -373,11 +379,20 @@ mod tests {
         assert!(limiters.check_connect(&acme, "alice", &limits).is_ok());
         assert!(matches!(limiters.check_connect(&acme, "alice", &limits), Err(Refused::Wait(_))));
         assert!(limiters.check_connect(&acme, "bob", &limits).is_ok());
-        // Unchanged quotas keep their state; changed ones start afresh.
-        limits.max_connections = 7;
-        assert!(limiters.check_connect(&acme, "alice", &limits).is_err());
+        // A caller's limits never rebuild the limiters; a reload's sync does, and only when the
+        // quotas changed.
+        let set = |text: &str| {
+            let defaults = std::path::Path::new("_defaults.toml");
+            let files = vec![(std::path::PathBuf::from("acme.toml"), format!("tenant = \"acme\"\n{text}"))];
+            PolicySet::parse((defaults, ""), &files).expect("valid")
+        };
         limits.connects_per_minute_per_subject = 3;
-        assert!(limiters.check_connect(&acme, "alice", &limits).is_ok());
+        assert!(limiters.check_connect(&acme, "alice", &limits).is_err(), "no rebuild from a request");
+        limiters.sync(&set("[limits]\nconnects_per_minute_per_subject = 2\npublishes_per_second = 1\npublish_burst = 5\nmax_connections = 7\n"));
+        assert!(limiters.check_connect(&acme, "alice", &limits).is_err(), "same quotas: state kept");
+        limiters
+            .sync(&set("[limits]\nconnects_per_minute_per_subject = 3\npublishes_per_second = 1\npublish_burst = 5\n"));
+        assert!(limiters.check_connect(&acme, "alice", &limits).is_ok(), "changed quotas: afresh");
         assert_eq!(limiters.check_publish(&acme, 6, &limits), Err(Refused::TooLarge { burst: 5 }));
         assert_eq!(limiters.check_publish(&acme, 5, &limits), Ok(()));
         assert!(matches!(limiters.check_publish(&acme, 1, &limits), Err(Refused::Wait(_))));

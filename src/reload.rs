@@ -196,7 +196,7 @@ impl Reloader {
         changed.sort();
         changed.dedup();
         let files = set.file_hashes();
-        self.limiters.retain_tenants(&set);
+        self.limiters.sync(&set);
         self.store.install(set);
         self.hub.wake_all();
         self.metrics.policy_reloads.with_label_values(&["ok"]).inc();

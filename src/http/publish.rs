@@ -102,6 +102,14 @@ async fn accept(state: &AppState, principal: &Principal, req: Request<Body>) -> 
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // A system publisher may name other tenants: each must be admitted too (before any quota is
+    // spent on a batch that is refused anyway).
+    for ev in &events {
+        if ev.routing.tenant != principal.tenant {
+            super::authn::admit(state, &ev.routing.tenant)?;
+        }
+    }
+    // The batch is charged to the publishing token's tenant: its rate bounds what its publishers send.
     if let Some(policy) = state.policies.current().get(&principal.tenant) {
         let limits = &policy.limits;
         match state.limiters.check_publish(&principal.tenant, events.len(), limits) {
@@ -123,12 +131,6 @@ async fn accept(state: &AppState, principal: &Principal, req: Request<Body>) -> 
                     ),
                 ));
             }
-        }
-    }
-    // A system publisher may name other tenants: each must be admitted too.
-    for ev in &events {
-        if ev.routing.tenant != principal.tenant {
-            super::authn::admit(state, &ev.routing.tenant)?;
         }
     }
     let ids = state.bus.publish(events).map_err(|e| match e {
