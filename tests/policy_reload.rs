@@ -10,22 +10,9 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{policy_config, token, try_connect, wait_audit, write_tenant, Client, TestServer, WAIT};
+use common::{policy_config, reloads, token, try_connect, wait_audit, wait_reloads, write_tenant, Client, TestServer};
 use serde_json::json;
 use sha2::Digest;
-
-fn reloads(m: &common::Metrics, result: &str) -> f64 {
-    m.get(&format!("policy_reloads_total{{result=\"{result}\"}}"))
-}
-
-/// Waits (bounded) until `policy_reloads_total{result}` reaches `n`.
-async fn wait_reloads(server: &TestServer, result: &str, n: f64) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while reloads(&server.metrics().await, result) < n {
-        assert!(tokio::time::Instant::now() < deadline, "no {result} reload #{n}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
 
 async fn watched(tenants: &[(&str, &str)]) -> (TestServer, std::path::PathBuf, std::path::PathBuf) {
     let mut cfg = policy_config(tenants);

@@ -6,20 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{policy_config, token, wait_audit, write_tenant, TestServer, WAIT};
+use common::{policy_config, reloads, token, wait_audit, wait_reloads, write_tenant, TestServer};
 use serde_json::json;
-
-fn reloads(m: &common::Metrics, result: &str) -> f64 {
-    m.get(&format!("policy_reloads_total{{result=\"{result}\"}}"))
-}
-
-async fn wait_reloads(server: &TestServer, result: &str, n: f64) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while reloads(&server.metrics().await, result) < n {
-        assert!(tokio::time::Instant::now() < deadline, "no {result} reload #{n}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
 
 #[tokio::test]
 async fn sighup_and_the_admin_api_reload_too() {

@@ -536,3 +536,17 @@ pub async fn try_connect(
         Err(e) => panic!("upgrade failed without an HTTP answer: {e}"),
     }
 }
+
+/// `policy_reloads_total{result}`.
+pub fn reloads(m: &Metrics, result: &str) -> f64 {
+    m.get(&format!("policy_reloads_total{{result=\"{result}\"}}"))
+}
+
+/// Waits (bounded) until `policy_reloads_total{result}` reaches `n`.
+pub async fn wait_reloads(server: &TestServer, result: &str, n: f64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while reloads(&server.metrics().await, result) < n {
+        assert!(tokio::time::Instant::now() < deadline, "no {result} reload #{n}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
