@@ -402,11 +402,21 @@ pub enum BusKind {
 }
 
 /// `[bus]`
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BusConfig {
     /// The backend.
     pub kind: BusKind,
+    /// Events retained per tenant for `resume_from` (0: no replay).
+    pub replay_window: usize,
+    /// Retained events older than this are dropped from the window.
+    pub replay_max_age_secs: u64,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        BusConfig { kind: BusKind::Local, replay_window: 10_000, replay_max_age_secs: 3600 }
+    }
 }
 
 /// Log line format.

@@ -240,7 +240,11 @@ impl Server {
             audit.clone(),
             Arc::clone(&metrics),
         ));
-        let (bus, bus_rx) = LocalBus::new(ws.broadcast_capacity);
+        let (bus, bus_rx) = LocalBus::with_window(
+            ws.broadcast_capacity,
+            config.bus.replay_window,
+            Duration::from_secs(config.bus.replay_max_age_secs),
+        );
         let heartbeat = Duration::from_secs(ws.heartbeat_interval_secs);
         let sessions = Arc::new(SessionSettings {
             heartbeat,

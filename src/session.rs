@@ -19,7 +19,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::audit::{AuditLog, Kind, Record};
 use crate::auth::{Authenticator, Principal};
-use crate::bus::Published;
+use crate::bus::{LocalBus, Published};
 use crate::event::MessageId;
 use crate::fanout::{Conn, Hub, Reservation};
 use crate::filter::{FilterError, SubscriptionFilter};
@@ -65,6 +65,7 @@ pub(crate) struct SessionContext {
     /// The id sent in `welcome` (already in the `connection.accepted` record).
     pub(crate) session_id: String,
     pub(crate) hub: Arc<Hub>,
+    pub(crate) bus: Arc<LocalBus>,
     pub(crate) auth: Arc<Authenticator>,
     pub(crate) policies: Arc<PolicyStore>,
     pub(crate) metrics: Arc<Metrics>,
@@ -185,6 +186,28 @@ fn deadline_for(expires_at: u64, leeway: Duration) -> tokio::time::Instant {
     tokio::time::Instant::now() + left.min(MAX_SESSION)
 }
 
+/// A subscription that resumed: live events it could have replayed are not written twice.
+struct Resumed {
+    id: String,
+    filter: Arc<SubscriptionFilter>,
+    /// The client's position: it has everything matching up to here.
+    after: MessageId,
+    /// Every matching event up to here was replayed (if after `after`) or is the client's.
+    through: MessageId,
+}
+
+/// Did a resumed subscription already cover this live event? Yes if the event is within the
+/// replay's snapshot (`through`) and matches the resumed filter, and either it was replayed
+/// (after the client's position) or it is at or before the position and no other subscription
+/// of the connection wants it.
+fn already_covered(e: &Published, resumed: &[Resumed], subs: &[Sub]) -> bool {
+    resumed.iter().any(|r| {
+        e.id <= r.through
+            && r.filter.matches(&e.routing)
+            && (e.id > r.after || !subs.iter().any(|s| s.id != r.id && s.filter.matches(&e.routing)))
+    })
+}
+
 /// One subscription of a session.
 struct Sub {
     id: String,
@@ -213,6 +236,8 @@ struct Session {
     /// subscriptions before they are written.
     recheck_until: Option<MessageId>,
     batch: Vec<Arc<Published>>,
+    /// Resumed subscriptions whose seam with the live stream is not yet passed.
+    resumed: Vec<Resumed>,
     /// For `connection.closed`: application messages received, events written, events lost.
     received: u64,
     delivered: u64,
@@ -273,6 +298,7 @@ pub(crate) fn run(mut socket: Socket, boxed: Box<(SessionContext, Admitted)>) ->
         last_message: Instant::now(),
         recheck_until: None,
         batch: Vec::new(),
+        resumed: Vec::new(),
         received: 0,
         delivered: 0,
         dropped: 0,
@@ -401,6 +427,7 @@ impl Session {
                     .await?;
             }
             self.recheck(&mut batch);
+            self.skip_replayed(&mut batch);
             let written = if batch.is_empty() { Ok(()) } else { self.write_events(socket, &batch).await };
             batch.clear();
             self.batch = batch;
@@ -424,6 +451,20 @@ impl Session {
         batch.retain(|e| e.id > limit || self.subs.iter().any(|s| s.filter.matches(&e.routing)));
         if passed {
             self.recheck_until = None;
+        }
+    }
+
+    /// Drops live events a resumed subscription already covered: those it replayed, and those
+    /// at or before the client's position that no other subscription asked for. Once the live
+    /// stream passes a seam (an event after `through` was drained), that seam is forgotten.
+    fn skip_replayed(&mut self, batch: &mut Vec<Arc<Published>>) {
+        if self.resumed.is_empty() {
+            return;
+        }
+        let (resumed, subs) = (&self.resumed, &self.subs);
+        batch.retain(|e| !already_covered(e, resumed, subs));
+        if let Some(last) = batch.last().map(|e| e.id) {
+            self.resumed.retain(|r| last <= r.through);
         }
     }
 
@@ -716,10 +757,13 @@ impl Session {
         match msg {
             ClientMessage::Subscribe(sub) => {
                 let id = sub.subscription_id;
-                if sub.resume_from.is_some() {
-                    let e = err(ErrorCode::NotSupported, "resume_from is not supported yet".into(), Some(&id));
-                    return self.refuse_subscription(socket, e).await;
-                }
+                let resume_from = match sub.resume_from.as_deref().map(str::parse::<MessageId>).transpose() {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let e = err(ErrorCode::InvalidMessage, format!("resume_from: {e}"), Some(&id));
+                        return self.refuse_subscription(socket, e).await;
+                    }
+                };
                 if self.subs.iter().any(|s| s.id == id) {
                     let e =
                         err(ErrorCode::DuplicateSubscription, format!("subscription `{id}` already exists"), Some(&id));
@@ -757,16 +801,44 @@ impl Session {
                     }
                 };
                 let effective = filter.to_spec();
+                let filter = Arc::new(filter);
                 self.subs.reserve_exact(1);
-                self.subs.push(Sub { id: id.clone(), filter: Arc::new(filter), all_types });
+                self.subs.push(Sub { id: id.clone(), filter: Arc::clone(&filter), all_types });
+                // Live first, then the window: whatever the snapshot misses arrives live.
                 self.publish_filters();
+                let replay = resume_from.map(|after| (after, self.ctx.bus.replay(&self.conn.tenant, after, &filter)));
                 tracing::debug!(session_id = %self.conn.session_id, subscription_id = %id, "subscribed");
-                let record = self
+                let mut record = self
                     .audit_record(Kind::SubscriptionCreated)
                     .field("subscription_id", id.clone())
                     .field("filters", serde_json::to_value(&effective).unwrap_or_default());
+                if let Some((after, r)) = &replay {
+                    record = record
+                        .field("resume_from", after.to_string())
+                        .field("replayed", r.as_ref().map_or(serde_json::Value::Null, |r| r.events.len().into()));
+                }
                 self.ctx.audit.record(record).await;
-                self.send(socket, ServerMessage::Subscribed { subscription_id: id, filters: effective }).await
+                self.send(socket, ServerMessage::Subscribed { subscription_id: id.clone(), filters: effective })
+                    .await?;
+                match replay {
+                    None => Ok(()),
+                    Some((after, Ok(r))) => {
+                        self.resumed.push(Resumed { id, filter, after, through: r.through });
+                        for chunk in r.events.chunks(BATCH) {
+                            self.write_events(socket, chunk).await?;
+                        }
+                        Ok(())
+                    }
+                    Some((_, Err(e))) => {
+                        let msg = ServerMessage::Error {
+                            code: ErrorCode::ResumeUnavailable,
+                            message: format!("{e}; the subscription continues live from now"),
+                            subscription_id: Some(id),
+                            oldest_message_id: Some(e.oldest().map(|m| m.to_string())),
+                        };
+                        self.send(socket, msg).await
+                    }
+                }
             }
             ClientMessage::Unsubscribe(u) => {
                 let id = u.subscription_id;
@@ -775,6 +847,7 @@ impl Session {
                     return self.client_error(socket, e).await;
                 };
                 self.subs.swap_remove(at);
+                self.resumed.retain(|r| r.id != id);
                 self.publish_filters();
                 // Anything queued from now on was matched against the new set; what is already
                 // queued is re-checked before it is written.
@@ -905,5 +978,64 @@ impl Session {
             Ok(Err(e)) => tracing::debug!(session_id = %self.conn.session_id, error = %e, "close handshake failed"),
             Err(_) => tracing::debug!(session_id = %self.conn.session_id, "close handshake timed out"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Event, TenantId, TenantScope};
+    use crate::protocol::FilterSpec;
+
+    fn event(seq: u64, event_type: &str) -> Published {
+        let tenant = TenantId::new("acme").expect("tenant");
+        let ev =
+            Event::parse(serde_json::json!({"event_type": event_type}), TenantScope::Bound(&tenant)).expect("event");
+        Published {
+            id: MessageId { epoch: 7, seq },
+            priority: ev.routing.priority(),
+            routing: ev.routing,
+            frame: bytes::Bytes::new(),
+            published_at: Instant::now(),
+        }
+    }
+
+    fn filter(types: &[&str]) -> Arc<SubscriptionFilter> {
+        let spec = FilterSpec { event_types: types.iter().map(|t| (*t).to_owned()).collect(), ..FilterSpec::default() };
+        Arc::new(SubscriptionFilter::from_spec(&spec).expect("filter"))
+    }
+
+    fn sub(id: &str, f: &Arc<SubscriptionFilter>) -> Sub {
+        Sub { id: id.to_owned(), filter: Arc::clone(f), all_types: false }
+    }
+
+    /// The seam of a resume: the client has everything up to 10; the replay snapshot went
+    /// through 20; live events up to 20 may still arrive from the fan-out queue.
+    #[test]
+    fn live_events_the_replay_covered_are_not_written_twice() {
+        let resumed_f = filter(&["escalated"]);
+        let other_f = filter(&["escalated", "comment_added"]);
+        let resumed = [Resumed {
+            id: "r".into(),
+            filter: Arc::clone(&resumed_f),
+            after: MessageId { epoch: 7, seq: 10 },
+            through: MessageId { epoch: 7, seq: 20 },
+        }];
+        let alone = [sub("r", &resumed_f)];
+        // Replayed (11..=20, matching): skipped.
+        assert!(already_covered(&event(15, "escalated"), &resumed, &alone));
+        assert!(already_covered(&event(20, "escalated"), &resumed, &alone));
+        // After the snapshot: live, written.
+        assert!(!already_covered(&event(21, "escalated"), &resumed, &alone));
+        // Not matching the resumed filter: someone else's, written.
+        assert!(!already_covered(&event(15, "comment_added"), &resumed, &alone));
+        // At or before the client's position: the client has it...
+        assert!(already_covered(&event(9, "escalated"), &resumed, &alone));
+        // ...unless another subscription of the connection wants it.
+        let both = [sub("r", &resumed_f), sub("o", &other_f)];
+        assert!(!already_covered(&event(9, "escalated"), &resumed, &both));
+        // Replayed events stay skipped even if another subscription also matches them.
+        assert!(already_covered(&event(15, "escalated"), &resumed, &both));
+        assert!(!already_covered(&event(15, "escalated"), &[], &both), "no resume, nothing skipped");
     }
 }

@@ -5,14 +5,22 @@
 //! accepted only if the queue to the fan-out (`broadcast_capacity`) has room for all of it, so a
 //! `202` always means every event of the batch will be dispatched; otherwise the publisher gets
 //! `Overloaded` (HTTP 503) and nothing is queued. The bus never waits on a subscriber.
+//!
+//! The bus also keeps a bounded replay window per tenant (`bus.replay_window` events, at most
+//! `bus.replay_max_age_secs` old), filled under the same lock that assigns ids, so a snapshot of
+//! it holds every event of the tenant published before the snapshot and still retained, and
+//! nothing published after. [`LocalBus::replay`] answers a `resume_from` from it, or says the
+//! position cannot be served (another epoch, or events after it already evicted).
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::event::{Event, MessageId, Priority, Routing};
+use crate::event::{Event, MessageId, Priority, Routing, TenantId};
+use crate::filter::SubscriptionFilter;
 use crate::protocol;
 
 /// An event ready for the fan-out: its id, routing, priority and the one frame every receiving
@@ -45,9 +53,77 @@ pub enum BusError {
     Closed,
 }
 
+/// Why a `resume_from` position cannot be replayed exactly.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResumeError {
+    /// The id is from another epoch (the history it belongs to is gone, e.g. a restart).
+    #[error("message id {asked} is from another epoch; this server's history starts over at epoch {epoch}")]
+    OtherEpoch {
+        /// The position asked for.
+        asked: MessageId,
+        /// The current epoch.
+        epoch: u64,
+        /// The oldest id still retained for the tenant, if any.
+        oldest: Option<MessageId>,
+    },
+    /// Events after the id were already evicted from the window.
+    #[error("events after {asked} are no longer retained")]
+    Evicted {
+        /// The position asked for.
+        asked: MessageId,
+        /// The oldest id still retained for the tenant, if any.
+        oldest: Option<MessageId>,
+    },
+}
+
+impl ResumeError {
+    /// The oldest id the client could still resume after (exclusive) to lose nothing more.
+    pub fn oldest(&self) -> Option<MessageId> {
+        match self {
+            ResumeError::OtherEpoch { oldest, .. } | ResumeError::Evicted { oldest, .. } => *oldest,
+        }
+    }
+}
+
+/// What a replay found.
+#[derive(Debug)]
+pub struct Replayed {
+    /// The matching retained events after the position, in publish order.
+    pub events: Vec<Arc<Published>>,
+    /// The newest id assigned (to any tenant) when the window was read: every event of the
+    /// tenant up to it was either retained and considered, or older than the position.
+    pub through: MessageId,
+}
+
+/// One tenant's retained events, oldest first.
+#[derive(Default)]
+struct Window {
+    events: VecDeque<Arc<Published>>,
+    /// The newest id evicted so far: a resume from before it has a gap.
+    evicted_through: Option<MessageId>,
+}
+
+impl Window {
+    fn evict_front(&mut self) {
+        if let Some(e) = self.events.pop_front() {
+            self.evicted_through = Some(e.id);
+        }
+    }
+
+    fn trim(&mut self, max_events: usize, max_age: Duration, now: Instant) {
+        while self.events.len() > max_events {
+            self.evict_front();
+        }
+        while self.events.front().is_some_and(|e| now.duration_since(e.published_at) > max_age) {
+            self.evict_front();
+        }
+    }
+}
+
 struct Sequencer {
     epoch: u64,
     next_seq: u64,
+    windows: HashMap<TenantId, Window>,
 }
 
 /// The in-process bus.
@@ -55,6 +131,8 @@ pub struct LocalBus {
     seq: Mutex<Sequencer>,
     tx: mpsc::Sender<Arc<Published>>,
     capacity: usize,
+    window_events: usize,
+    window_age: Duration,
 }
 
 impl LocalBus {
@@ -62,12 +140,59 @@ impl LocalBus {
     /// dispatcher. The epoch is the start time in milliseconds, so ids of a previous run never
     /// look like ids of this one.
     pub fn new(capacity: usize) -> (LocalBus, mpsc::Receiver<Arc<Published>>) {
+        LocalBus::with_window(capacity, 0, Duration::ZERO)
+    }
+
+    /// The same, retaining up to `window_events` events per tenant for at most `window_age`
+    /// for replay (0 events: no replay).
+    pub fn with_window(
+        capacity: usize,
+        window_events: usize,
+        window_age: Duration,
+    ) -> (LocalBus, mpsc::Receiver<Arc<Published>>) {
         let (tx, rx) = mpsc::channel(capacity);
         let epoch = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(1);
-        (LocalBus { seq: Mutex::new(Sequencer { epoch, next_seq: 1 }), tx, capacity }, rx)
+        let seq = Sequencer { epoch, next_seq: 1, windows: HashMap::new() };
+        (LocalBus { seq: Mutex::new(seq), tx, capacity, window_events, window_age }, rx)
+    }
+
+    /// The retained events of `tenant` after `after` that match `filter`, in publish order; or
+    /// why that position cannot be replayed exactly. Everything the tenant published before this
+    /// call is either returned, older than `after`, or reported as evicted; everything published
+    /// after it is not returned (it reaches the caller live).
+    pub fn replay(
+        &self,
+        tenant: &TenantId,
+        after: MessageId,
+        filter: &SubscriptionFilter,
+    ) -> Result<Replayed, ResumeError> {
+        let mut seq = self.seq.lock().unwrap_or_else(|p| p.into_inner());
+        let epoch = seq.epoch;
+        let through = MessageId { epoch, seq: seq.next_seq - 1 };
+        let (max_events, max_age) = (self.window_events, self.window_age);
+        let window = seq.windows.get_mut(tenant);
+        let oldest = |w: &Option<&mut Window>| w.as_ref().and_then(|w| w.events.front().map(|e| e.id));
+        if after.epoch != epoch {
+            return Err(ResumeError::OtherEpoch { asked: after, epoch, oldest: oldest(&window) });
+        }
+        if max_events == 0 {
+            // Replay is off: nothing after any position is retained.
+            return Err(ResumeError::Evicted { asked: after, oldest: None });
+        }
+        let Some(window) = window else {
+            // Nothing of this tenant was ever retained: nothing was evicted either.
+            return Ok(Replayed { events: Vec::new(), through });
+        };
+        window.trim(max_events, max_age, Instant::now());
+        if window.evicted_through.is_some_and(|ev| ev > after) {
+            return Err(ResumeError::Evicted { asked: after, oldest: window.events.front().map(|e| e.id) });
+        }
+        let start = window.events.partition_point(|e| e.id <= after);
+        let events = window.events.range(start..).filter(|e| filter.matches(&e.routing)).cloned().collect();
+        Ok(Replayed { events, through })
     }
 
     /// Whether the fan-out still takes events.
@@ -107,10 +232,74 @@ impl LocalBus {
         // Sent back to back, so the dispatcher tends to take the whole batch in one go (and each
         // connection writes it in one syscall). Capacity was checked under the lock, and only
         // this function sends.
+        if self.window_events > 0 {
+            for p in &ready {
+                let window = seq.windows.entry(p.routing.tenant.clone()).or_default();
+                window.events.push_back(Arc::clone(p));
+                window.trim(self.window_events, self.window_age, now);
+            }
+        }
         let ids = ready.iter().map(|p| p.id).collect();
         for published in ready {
             self.tx.try_send(published).map_err(|_| BusError::Closed)?;
         }
         Ok(ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::TenantScope;
+    use crate::protocol::FilterSpec;
+
+    fn events(tenant: &TenantId, types: &[&str]) -> Vec<Event> {
+        types
+            .iter()
+            .map(|t| Event::parse(serde_json::json!({"event_type": t}), TenantScope::Bound(tenant)).expect("event"))
+            .collect()
+    }
+
+    fn all() -> SubscriptionFilter {
+        SubscriptionFilter::default()
+    }
+
+    #[test]
+    fn the_window_replays_what_follows_a_position_and_names_what_it_lost() {
+        let (bus, _rx) = LocalBus::with_window(100, 3, Duration::from_secs(60));
+        let (acme, globex) = (TenantId::new("acme").expect("t"), TenantId::new("globex").expect("t"));
+        let a = bus.publish(events(&acme, &["escalated", "comment_added"])).expect("publish");
+        let g = bus.publish(events(&globex, &["escalated"])).expect("publish");
+        let r = bus.replay(&acme, a[0], &all()).expect("in the window");
+        assert_eq!(r.events.iter().map(|e| e.id).collect::<Vec<_>>(), vec![a[1]]);
+        assert_eq!(r.through, g[0], "through the newest id of any tenant");
+        let spec = FilterSpec { event_types: vec!["escalated".into()], ..FilterSpec::default() };
+        let escalated = SubscriptionFilter::from_spec(&spec).expect("filter");
+        let before_first = MessageId { epoch: a[0].epoch, seq: a[0].seq - 1 };
+        let r = bus.replay(&acme, before_first, &escalated).expect("nothing evicted yet");
+        assert_eq!(r.events.iter().map(|e| e.id).collect::<Vec<_>>(), vec![a[0]], "filtered");
+        assert!(bus
+            .replay(&globex, before_first, &all())
+            .expect("globex")
+            .events
+            .iter()
+            .all(|e| e.routing.tenant == globex));
+        // Two more for acme: the window keeps 3, so a[0] is evicted.
+        let b = bus.publish(events(&acme, &["escalated", "escalated"])).expect("publish");
+        assert_eq!(bus.replay(&acme, a[0], &all()).expect("a[0] itself may go").events.len(), 3);
+        let err = bus.replay(&acme, before_first, &all()).expect_err("a[0] was evicted");
+        assert_eq!(err, ResumeError::Evicted { asked: before_first, oldest: Some(a[1]) });
+        assert_eq!(bus.replay(&acme, b[1], &all()).expect("up to date").events.len(), 0);
+        let other = MessageId { epoch: 1, seq: 1 };
+        assert!(matches!(bus.replay(&acme, other, &all()), Err(ResumeError::OtherEpoch { oldest: Some(_), .. })));
+    }
+
+    #[test]
+    fn without_a_window_every_resume_is_unavailable() {
+        let (bus, _rx) = LocalBus::new(10);
+        let acme = TenantId::new("acme").expect("t");
+        let ids = bus.publish(events(&acme, &["escalated"])).expect("publish");
+        let err = bus.replay(&acme, ids[0], &all()).expect_err("replay is off");
+        assert_eq!(err, ResumeError::Evicted { asked: ids[0], oldest: None });
     }
 }

@@ -142,6 +142,7 @@ pub(crate) async fn upgrade(
     let ctx = SessionContext {
         session_id,
         hub: Arc::clone(&state.hub),
+        bus: Arc::clone(&state.bus),
         auth: Arc::clone(&state.auth),
         policies: Arc::clone(&state.policies),
         metrics: Arc::clone(&state.metrics),

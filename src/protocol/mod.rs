@@ -246,6 +246,10 @@ pub enum ServerMessage {
         /// The subscription concerned, if any.
         #[serde(skip_serializing_if = "Option::is_none")]
         subscription_id: Option<String>,
+        /// With `resume_unavailable`: the oldest message id still retained for the tenant
+        /// (`null` when none is).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        oldest_message_id: Option<Option<String>>,
     },
     /// Sent before every server-initiated close.
     Closing {
@@ -268,7 +272,12 @@ impl ServerMessage {
 
     /// The `error` frame for a protocol error.
     pub fn from_error(e: ProtocolError) -> ServerMessage {
-        ServerMessage::Error { code: e.code, message: e.message, subscription_id: e.subscription_id }
+        ServerMessage::Error {
+            code: e.code,
+            message: e.message,
+            subscription_id: e.subscription_id,
+            oldest_message_id: None,
+        }
     }
 }
 
@@ -357,8 +366,13 @@ mod tests {
     #[test]
     fn server_messages_have_the_documented_shape() {
         let v: Value = serde_json::from_str(
-            &ServerMessage::Error { code: ErrorCode::InvalidFilter, message: "m".into(), subscription_id: None }
-                .to_text(),
+            &ServerMessage::Error {
+                code: ErrorCode::InvalidFilter,
+                message: "m".into(),
+                subscription_id: None,
+                oldest_message_id: None,
+            }
+            .to_text(),
         )
         .expect("json");
         assert_eq!(v, json!({"type": "error", "code": "invalid_filter", "message": "m"}));
