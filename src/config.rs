@@ -411,11 +411,13 @@ pub struct BusConfig {
     pub replay_window: usize,
     /// Retained events older than this are dropped from the window.
     pub replay_max_age_secs: u64,
+    /// Most bytes of event frames retained per tenant (the oldest go first).
+    pub replay_max_bytes: usize,
 }
 
 impl Default for BusConfig {
     fn default() -> Self {
-        BusConfig { kind: BusKind::Local, replay_window: 10_000, replay_max_age_secs: 3600 }
+        BusConfig { kind: BusKind::Local, replay_window: 10_000, replay_max_age_secs: 3600, replay_max_bytes: 16 << 20 }
     }
 }
 

@@ -240,11 +240,12 @@ impl Server {
             audit.clone(),
             Arc::clone(&metrics),
         ));
-        let (bus, bus_rx) = LocalBus::with_window(
-            ws.broadcast_capacity,
-            config.bus.replay_window,
-            Duration::from_secs(config.bus.replay_max_age_secs),
-        );
+        let window = crate::bus::WindowLimits {
+            events: config.bus.replay_window,
+            bytes: config.bus.replay_max_bytes,
+            age: Duration::from_secs(config.bus.replay_max_age_secs),
+        };
+        let (bus, bus_rx) = LocalBus::with_window(ws.broadcast_capacity, window);
         let heartbeat = Duration::from_secs(ws.heartbeat_interval_secs);
         let sessions = Arc::new(SessionSettings {
             heartbeat,

@@ -6,8 +6,8 @@
 //! `202` always means every event of the batch will be dispatched; otherwise the publisher gets
 //! `Overloaded` (HTTP 503) and nothing is queued. The bus never waits on a subscriber.
 //!
-//! The bus also keeps a bounded replay window per tenant (`bus.replay_window` events, at most
-//! `bus.replay_max_age_secs` old), filled under the same lock that assigns ids, so a snapshot of
+//! The bus also keeps a bounded replay window per tenant (`bus.replay_window` events and
+//! `bus.replay_max_bytes` of frames, at most `bus.replay_max_age_secs` old), filled under the same lock that assigns ids, so a snapshot of
 //! it holds every event of the tenant published before the snapshot and still retained, and
 //! nothing published after. [`LocalBus::replay`] answers a `resume_from` from it, or says the
 //! position cannot be served (another epoch, or events after it already evicted).
@@ -99,6 +99,8 @@ pub struct Replayed {
 #[derive(Default)]
 struct Window {
     events: VecDeque<Arc<Published>>,
+    /// Sum of the retained frames' lengths.
+    bytes: usize,
     /// The newest id evicted so far: a resume from before it has a gap.
     evicted_through: Option<MessageId>,
 }
@@ -106,14 +108,21 @@ struct Window {
 impl Window {
     fn evict_front(&mut self) {
         if let Some(e) = self.events.pop_front() {
+            self.bytes -= e.frame.len();
             self.evicted_through = Some(e.id);
         }
     }
 
-    fn trim(&mut self, max_events: usize, max_age: Duration, now: Instant) {
-        while self.events.len() > max_events {
+    fn push(&mut self, e: Arc<Published>) {
+        self.bytes += e.frame.len();
+        self.events.push_back(e);
+    }
+
+    fn trim(&mut self, limits: &WindowLimits, now: Instant) {
+        while self.events.len() > limits.events || self.bytes > limits.bytes {
             self.evict_front();
         }
+        let max_age = limits.age;
         while self.events.front().is_some_and(|e| now.duration_since(e.published_at) > max_age) {
             self.evict_front();
         }
@@ -126,13 +135,23 @@ struct Sequencer {
     windows: HashMap<TenantId, Window>,
 }
 
+/// How much one tenant's replay window may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowLimits {
+    /// Events (0: no replay).
+    pub events: usize,
+    /// Bytes of retained frames.
+    pub bytes: usize,
+    /// Age of the oldest retained event.
+    pub age: Duration,
+}
+
 /// The in-process bus.
 pub struct LocalBus {
     seq: Mutex<Sequencer>,
     tx: mpsc::Sender<Arc<Published>>,
     capacity: usize,
-    window_events: usize,
-    window_age: Duration,
+    window: WindowLimits,
 }
 
 impl LocalBus {
@@ -140,23 +159,18 @@ impl LocalBus {
     /// dispatcher. The epoch is the start time in milliseconds, so ids of a previous run never
     /// look like ids of this one.
     pub fn new(capacity: usize) -> (LocalBus, mpsc::Receiver<Arc<Published>>) {
-        LocalBus::with_window(capacity, 0, Duration::ZERO)
+        LocalBus::with_window(capacity, WindowLimits { events: 0, bytes: 0, age: Duration::ZERO })
     }
 
-    /// The same, retaining up to `window_events` events per tenant for at most `window_age`
-    /// for replay (0 events: no replay).
-    pub fn with_window(
-        capacity: usize,
-        window_events: usize,
-        window_age: Duration,
-    ) -> (LocalBus, mpsc::Receiver<Arc<Published>>) {
+    /// The same, retaining per tenant what `window` allows for replay.
+    pub fn with_window(capacity: usize, window: WindowLimits) -> (LocalBus, mpsc::Receiver<Arc<Published>>) {
         let (tx, rx) = mpsc::channel(capacity);
         let epoch = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(1);
         let seq = Sequencer { epoch, next_seq: 1, windows: HashMap::new() };
-        (LocalBus { seq: Mutex::new(seq), tx, capacity, window_events, window_age }, rx)
+        (LocalBus { seq: Mutex::new(seq), tx, capacity, window }, rx)
     }
 
     /// The retained events of `tenant` after `after` that match `filter`, in publish order; or
@@ -172,13 +186,13 @@ impl LocalBus {
         let mut seq = self.seq.lock().unwrap_or_else(|p| p.into_inner());
         let epoch = seq.epoch;
         let through = MessageId { epoch, seq: seq.next_seq - 1 };
-        let (max_events, max_age) = (self.window_events, self.window_age);
+        let limits = self.window;
         let window = seq.windows.get_mut(tenant);
         let oldest = |w: &Option<&mut Window>| w.as_ref().and_then(|w| w.events.front().map(|e| e.id));
         if after.epoch != epoch {
             return Err(ResumeError::OtherEpoch { asked: after, epoch, oldest: oldest(&window) });
         }
-        if max_events == 0 {
+        if limits.events == 0 {
             // Replay is off: nothing after any position is retained.
             return Err(ResumeError::Evicted { asked: after, oldest: None });
         }
@@ -186,7 +200,7 @@ impl LocalBus {
             // Nothing of this tenant was ever retained: nothing was evicted either.
             return Ok(Replayed { events: Vec::new(), through });
         };
-        window.trim(max_events, max_age, Instant::now());
+        window.trim(&limits, Instant::now());
         if window.evicted_through.is_some_and(|ev| ev > after) {
             return Err(ResumeError::Evicted { asked: after, oldest: window.events.front().map(|e| e.id) });
         }
@@ -232,11 +246,11 @@ impl LocalBus {
         // Sent back to back, so the dispatcher tends to take the whole batch in one go (and each
         // connection writes it in one syscall). Capacity was checked under the lock, and only
         // this function sends.
-        if self.window_events > 0 {
+        if self.window.events > 0 {
             for p in &ready {
                 let window = seq.windows.entry(p.routing.tenant.clone()).or_default();
-                window.events.push_back(Arc::clone(p));
-                window.trim(self.window_events, self.window_age, now);
+                window.push(Arc::clone(p));
+                window.trim(&self.window, now);
             }
         }
         let ids = ready.iter().map(|p| p.id).collect();
@@ -266,7 +280,8 @@ mod tests {
 
     #[test]
     fn the_window_replays_what_follows_a_position_and_names_what_it_lost() {
-        let (bus, _rx) = LocalBus::with_window(100, 3, Duration::from_secs(60));
+        let limits = WindowLimits { events: 3, bytes: 1 << 20, age: Duration::from_secs(60) };
+        let (bus, _rx) = LocalBus::with_window(100, limits);
         let (acme, globex) = (TenantId::new("acme").expect("t"), TenantId::new("globex").expect("t"));
         let a = bus.publish(events(&acme, &["escalated", "comment_added"])).expect("publish");
         let g = bus.publish(events(&globex, &["escalated"])).expect("publish");
@@ -292,6 +307,21 @@ mod tests {
         assert_eq!(bus.replay(&acme, b[1], &all()).expect("up to date").events.len(), 0);
         let other = MessageId { epoch: 1, seq: 1 };
         assert!(matches!(bus.replay(&acme, other, &all()), Err(ResumeError::OtherEpoch { oldest: Some(_), .. })));
+    }
+
+    #[test]
+    fn the_window_is_bounded_in_bytes_too() {
+        let limits = WindowLimits { events: 1000, bytes: 1000, age: Duration::from_secs(60) };
+        let (bus, _rx) = LocalBus::with_window(1000, limits);
+        let acme = TenantId::new("acme").expect("t");
+        let ids = bus.publish(events(&acme, &["escalated"; 100])).expect("publish");
+        let frame = bus.replay(&acme, ids[98], &all()).expect("the newest is kept").events[0].frame.len();
+        let kept = 1000 / frame;
+        let first_kept = ids[100 - kept];
+        let before_it = MessageId { epoch: first_kept.epoch, seq: first_kept.seq - 1 };
+        assert_eq!(bus.replay(&acme, before_it, &all()).expect("within bytes").events.len(), kept);
+        let older = MessageId { epoch: first_kept.epoch, seq: first_kept.seq - 2 };
+        assert!(matches!(bus.replay(&acme, older, &all()), Err(ResumeError::Evicted { .. })));
     }
 
     #[test]
