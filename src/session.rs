@@ -238,6 +238,8 @@ struct Session {
     batch: Vec<Arc<Published>>,
     /// Resumed subscriptions whose seam with the live stream is not yet passed.
     resumed: Vec<Resumed>,
+    /// The newest event written to the client (the resume point a `lagged` names).
+    last_written: Option<MessageId>,
     /// For `connection.closed`: application messages received, events written, events lost.
     received: u64,
     delivered: u64,
@@ -299,6 +301,7 @@ pub(crate) fn run(mut socket: Socket, boxed: Box<(SessionContext, Admitted)>) ->
         recheck_until: None,
         batch: Vec::new(),
         resumed: Vec::new(),
+        last_written: None,
         received: 0,
         delivered: 0,
         dropped: 0,
@@ -423,8 +426,14 @@ impl Session {
             let d = self.conn.outbox.drain(&mut batch, BATCH);
             if let Some((dropped, first)) = d.lagged {
                 self.dropped += dropped;
-                Box::pin(self.send(socket, ServerMessage::Lagged { dropped, since_message_id: first.to_string() }))
-                    .await?;
+                let resume_from = self.last_written.map(|id| id.to_string());
+                Box::pin(
+                    self.send(
+                        socket,
+                        ServerMessage::Lagged { dropped, since_message_id: first.to_string(), resume_from },
+                    ),
+                )
+                .await?;
             }
             self.recheck(&mut batch);
             self.skip_replayed(&mut batch);
@@ -527,6 +536,9 @@ impl Session {
         match &r {
             Ok(()) => {
                 self.delivered += n;
+                if let Some(last) = batch.last() {
+                    self.last_written = Some(self.last_written.map_or(last.id, |w| w.max(last.id)));
+                }
                 metrics.events_delivered.inc_by(n);
                 metrics.messages_sent.inc_by(n);
                 for ev in batch {
@@ -950,7 +962,13 @@ impl Session {
         if let Some((dropped, first)) = lagged {
             self.dropped += dropped;
             socket.queue_text(
-                ServerMessage::Lagged { dropped, since_message_id: first.to_string() }.to_text().as_bytes(),
+                ServerMessage::Lagged {
+                    dropped,
+                    since_message_id: first.to_string(),
+                    resume_from: self.last_written.map(|id| id.to_string()),
+                }
+                .to_text()
+                .as_bytes(),
             );
             self.ctx.metrics.messages_sent.inc();
         }

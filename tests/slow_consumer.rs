@@ -155,6 +155,10 @@ async fn a_stalled_client_is_shed_and_closed_4008_without_delaying_others() {
     assert_eq!(lagged["type"], "lagged", "{lagged}");
     assert!(lagged["dropped"].as_u64().is_some_and(|d| d > 300), "{lagged}");
     assert!(lagged["since_message_id"].as_str().is_some());
+    // It names the last event written before the loss: the position to resume from.
+    let seq = |v: &Value| v.as_str().and_then(|s| s.split_once('-')).and_then(|(_, n)| n.parse::<u64>().ok());
+    let (resume, first_lost) = (seq(&lagged["resume_from"]), seq(&lagged["since_message_id"]));
+    assert!(resume.is_some() && first_lost.is_some() && resume < first_lost, "{lagged}");
     assert_eq!(others[1], json!({"type": "closing", "reason": "slow_consumer"}));
     assert!(events > 0 && events < total, "the slow client got {events} of {total}");
     server.shutdown().await;

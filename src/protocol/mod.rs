@@ -236,6 +236,10 @@ pub enum ServerMessage {
         dropped: u64,
         /// The id of the first dropped event.
         since_message_id: String,
+        /// The last event written to this connection before the loss: subscribing again with
+        /// `resume_from` set to it replays the lost events (absent when none was written yet).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        resume_from: Option<String>,
     },
     /// A client error; the connection stays open.
     Error {
@@ -381,9 +385,10 @@ mod tests {
         )
         .expect("json");
         assert_eq!(v, json!({"type": "closing", "reason": "server_shutdown", "reconnect_after_ms": 1500}));
-        let v: Value =
-            serde_json::from_str(&ServerMessage::Lagged { dropped: 3, since_message_id: "1-5".into() }.to_text())
-                .expect("json");
+        let v: Value = serde_json::from_str(
+            &ServerMessage::Lagged { dropped: 3, since_message_id: "1-5".into(), resume_from: None }.to_text(),
+        )
+        .expect("json");
         assert_eq!(v, json!({"type": "lagged", "dropped": 3, "since_message_id": "1-5"}));
     }
 
