@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::bus::Published;
+use crate::event::MessageId;
 use crate::event::TenantId;
 use crate::filter::SubscriptionFilter;
 use crate::metrics::Metrics;
@@ -42,12 +43,30 @@ pub(crate) struct Conn {
     subscriptions: AtomicUsize,
     /// Set by the cleanup sweep when the session looks idle; the session decides.
     idle_nudge: AtomicBool,
+    /// The last acknowledged message id (`epoch`, `seq`; epoch 0: none yet), for the admin view.
+    acked: (AtomicU64, AtomicU64),
+    /// Events delivered after the last ack (`u64::MAX`: the client never acked).
+    unacked: AtomicU64,
 }
 
 impl Conn {
     /// Records client activity (for the idle sweep).
     pub(crate) fn touch(&self, hub: &Hub) {
         self.last_message_ms.store(hub.elapsed_ms(), Ordering::Relaxed);
+    }
+
+    /// Publishes the session's acknowledgement state for the admin view.
+    pub(crate) fn set_ack_state(&self, acked: MessageId, unacked: u64) {
+        self.acked.0.store(acked.epoch, Ordering::Relaxed);
+        self.acked.1.store(acked.seq, Ordering::Relaxed);
+        self.unacked.store(unacked, Ordering::Relaxed);
+    }
+
+    fn ack_state(&self) -> (Option<MessageId>, Option<u64>) {
+        let epoch = self.acked.0.load(Ordering::Relaxed);
+        let acked = (epoch != 0).then(|| MessageId { epoch, seq: self.acked.1.load(Ordering::Relaxed) });
+        let unacked = Some(self.unacked.load(Ordering::Relaxed)).filter(|n| *n != u64::MAX);
+        (acked, unacked)
     }
 
     /// Subscriptions currently held.
@@ -149,6 +168,10 @@ pub(crate) struct SessionInfo {
     pub(crate) connected_since: String,
     pub(crate) subscriptions: usize,
     pub(crate) queue_depth: usize,
+    /// The last `ack`, if the client sends them.
+    pub(crate) last_acked_message_id: Option<String>,
+    /// Events delivered after it (counted from the first `ack`).
+    pub(crate) unacked: Option<u64>,
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -227,7 +250,13 @@ impl Hub {
         conns.sort_by_key(|c| c.id);
         conns
             .iter()
-            .map(|c| SessionInfo {
+            .map(|c| {
+                let (acked, unacked) = c.ack_state();
+                (c, acked, unacked)
+            })
+            .map(|(c, acked, unacked)| SessionInfo {
+                last_acked_message_id: acked.map(|a| a.to_string()),
+                unacked,
                 session_id: c.session_id.clone(),
                 tenant: c.tenant.to_string(),
                 subject: c.subject.clone(),
@@ -287,6 +316,8 @@ impl Hub {
             last_message_ms: AtomicU64::new(self.elapsed_ms()),
             subscriptions: AtomicUsize::new(0),
             idle_nudge: AtomicBool::new(false),
+            acked: (AtomicU64::new(0), AtomicU64::new(0)),
+            unacked: AtomicU64::new(u64::MAX),
         });
         self.sessions().insert(conn.id, Arc::clone(&conn));
         if self.shutting_down.load(Ordering::SeqCst) {

@@ -16,6 +16,9 @@ pub struct Metrics {
     pub total_connections: IntCounter,
     /// Subscriptions currently held across sessions.
     pub active_subscriptions: IntGauge,
+    /// `websocket_unacked_events`: events delivered and not yet acknowledged, over the sessions
+    /// that acknowledge (counted from each session's first `ack`).
+    pub unacked_events: IntGauge,
     /// Frames sent to clients (events and control messages).
     pub messages_sent: IntCounter,
     /// Application messages received from clients.
@@ -122,6 +125,11 @@ impl Metrics {
             active_connections: gauge(&r, "websocket_active_connections", "WebSocket sessions currently open")?,
             total_connections: counter(&r, "websocket_total_connections", "WebSocket sessions opened since start")?,
             active_subscriptions: gauge(&r, "websocket_active_subscriptions", "Subscriptions currently held")?,
+            unacked_events: gauge(
+                &r,
+                "websocket_unacked_events",
+                "Events delivered and not yet acknowledged (sessions that ack, from their first ack)",
+            )?,
             messages_sent: counter(&r, "websocket_messages_sent_total", "Frames sent to clients")?,
             messages_received: counter(&r, "websocket_messages_received_total", "Messages received from clients")?,
             events_broadcast: counter(&r, "websocket_events_broadcast_total", "Events handed to the fan-out")?,
@@ -219,6 +227,7 @@ mod tests {
             "rate_limited_total",
             "policy_reloads_total",
             "rate_limiter_tracked_keys",
+            "websocket_unacked_events",
         ] {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
         }

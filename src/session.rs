@@ -208,6 +208,54 @@ fn already_covered(e: &Published, resumed: &[Resumed], subs: &[Sub]) -> bool {
     })
 }
 
+/// Most unacknowledged events a session tracks one by one; beyond, the oldest are only counted.
+const MAX_TRACKED_UNACKED: usize = 4096;
+
+/// A session's acknowledgement state, from its first `ack` on.
+#[derive(Default)]
+struct AckState {
+    /// Delivered, unacknowledged message ids, oldest first.
+    pending: std::collections::VecDeque<MessageId>,
+    /// Unacknowledged events older than `pending` whose ids were not kept.
+    untracked: u64,
+    last: Option<MessageId>,
+}
+
+impl AckState {
+    fn depth(&self) -> u64 {
+        self.untracked + self.pending.len() as u64
+    }
+
+    /// Records delivered events; returns how many were added to the depth.
+    fn delivered(&mut self, batch: &[Arc<Published>]) -> u64 {
+        for e in batch {
+            if self.pending.len() == MAX_TRACKED_UNACKED {
+                self.pending.pop_front();
+                self.untracked += 1;
+            }
+            self.pending.push_back(e.id);
+        }
+        batch.len() as u64
+    }
+
+    /// Applies an ack (ids only move forward); returns how many left the depth.
+    fn ack(&mut self, id: MessageId) -> u64 {
+        if self.last.is_some_and(|l| id <= l) {
+            return 0;
+        }
+        self.last = Some(id);
+        let before = self.depth();
+        if self.pending.front().is_some_and(|f| *f <= id) {
+            // Everything older than the oldest kept id was delivered before it: acked too.
+            self.untracked = 0;
+        }
+        while self.pending.front().is_some_and(|f| *f <= id) {
+            self.pending.pop_front();
+        }
+        before - self.depth()
+    }
+}
+
 /// One subscription of a session.
 struct Sub {
     id: String,
@@ -240,6 +288,8 @@ struct Session {
     resumed: Vec<Resumed>,
     /// The newest event written to the client (the resume point a `lagged` names).
     last_written: Option<MessageId>,
+    /// Delivered events not yet acknowledged, once the client acks (boxed: most never do).
+    acks: Option<Box<AckState>>,
     /// For `connection.closed`: application messages received, events written, events lost.
     received: u64,
     delivered: u64,
@@ -302,6 +352,7 @@ pub(crate) fn run(mut socket: Socket, boxed: Box<(SessionContext, Admitted)>) ->
         batch: Vec::new(),
         resumed: Vec::new(),
         last_written: None,
+        acks: None,
         received: 0,
         delivered: 0,
         dropped: 0,
@@ -346,6 +397,9 @@ impl Session {
         }
         let elapsed = registration.started.elapsed();
         drop(registration);
+        if let Some(state) = self.acks.take() {
+            self.ctx.metrics.unacked_events.sub(state.depth() as i64);
+        }
         tracing::info!(
             session_id = %self.conn.session_id, tenant = %self.conn.tenant, subject = %self.conn.subject,
             close_code = code, reason, duration_secs = elapsed.as_secs_f64(), "session closed"
@@ -538,6 +592,12 @@ impl Session {
                 self.delivered += n;
                 if let Some(last) = batch.last() {
                     self.last_written = Some(self.last_written.map_or(last.id, |w| w.max(last.id)));
+                }
+                if let Some(state) = self.acks.as_mut() {
+                    metrics.unacked_events.add(state.delivered(batch) as i64);
+                    if let Some(last) = state.last {
+                        self.conn.set_ack_state(last, state.depth());
+                    }
                 }
                 metrics.events_delivered.inc_by(n);
                 metrics.messages_sent.inc_by(n);
@@ -878,7 +938,15 @@ impl Session {
                 self.send(socket, ServerMessage::Pong { timestamp }).await
             }
             ClientMessage::Ack(a) => match a.message_id.parse::<MessageId>() {
-                Ok(_) => Ok(()),
+                Ok(id) => {
+                    let state = self.acks.get_or_insert_with(Box::default);
+                    let acked = state.ack(id);
+                    self.ctx.metrics.unacked_events.sub(acked as i64);
+                    if let Some(last) = state.last {
+                        self.conn.set_ack_state(last, state.depth());
+                    }
+                    Ok(())
+                }
                 Err(e) => self.client_error(socket, err(ErrorCode::InvalidMessage, e.to_string(), None)).await,
             },
             ClientMessage::Refresh(r) => self.refresh(socket, &r.token).await,
@@ -1025,6 +1093,26 @@ mod tests {
 
     fn sub(id: &str, f: &Arc<SubscriptionFilter>) -> Sub {
         Sub { id: id.to_owned(), filter: Arc::clone(f), all_types: false }
+    }
+
+    #[test]
+    fn acks_count_what_was_delivered_after_them() {
+        let mut a = AckState::default();
+        let batch: Vec<Arc<Published>> = (1..=5).map(|i| Arc::new(event(i, "escalated"))).collect();
+        assert_eq!(a.delivered(&batch), 5);
+        assert_eq!(a.ack(MessageId { epoch: 7, seq: 3 }), 3);
+        assert_eq!(a.depth(), 2);
+        assert_eq!(a.ack(MessageId { epoch: 7, seq: 2 }), 0, "acks only move forward");
+        assert_eq!(a.depth(), 2);
+        // Past the tracking bound the oldest are only counted, and an ack past them clears them.
+        let many: Vec<Arc<Published>> =
+            (6..6 + MAX_TRACKED_UNACKED as u64).map(|i| Arc::new(event(i, "escalated"))).collect();
+        a.delivered(&many);
+        assert_eq!(a.depth(), 2 + MAX_TRACKED_UNACKED as u64);
+        assert_eq!(a.pending.len(), MAX_TRACKED_UNACKED);
+        let last = many.last().map(|e| e.id).expect("last");
+        assert_eq!(a.ack(last), 2 + MAX_TRACKED_UNACKED as u64);
+        assert_eq!(a.depth(), 0);
     }
 
     /// The seam of a resume: the client has everything up to 10; the replay snapshot went

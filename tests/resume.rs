@@ -153,3 +153,44 @@ async fn a_position_outside_the_window_gets_resume_unavailable_and_continues_liv
     g.expect_silence(Duration::from_millis(200)).await;
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn acks_are_recorded_per_session_with_the_unacked_depth() {
+    let server = TestServer::start(config()).await;
+    let mut c = Client::as_user(&server, "acme", "acker").await;
+    c.subscribe("s", json!({})).await;
+    let admin = token("ops", "root", &["admin"], 60);
+    let before = acme_session(&server, &admin).await;
+    assert!(before["last_acked_message_id"].is_null() && before["unacked"].is_null(), "{before}");
+    let first = server.publish("acme", &json!([{"event_type": "escalated"}, {"event_type": "escalated"}])).await;
+    let mut got = Vec::new();
+    read_events(&mut c, &mut got, 2).await;
+    c.send(json!({"type": "ack", "message_id": first[1]})).await;
+    c.assert_alive().await;
+    let evs: Vec<Value> = (0..5).map(|_| json!({"event_type": "escalated"})).collect();
+    let more = server.publish("acme", &Value::Array(evs)).await;
+    read_events(&mut c, &mut got, 7).await;
+    c.send(json!({"type": "ack", "message_id": more[1]})).await;
+    c.assert_alive().await;
+    let after = acme_session(&server, &admin).await;
+    assert_eq!(after["last_acked_message_id"].as_str(), Some(more[1].as_str()), "{after}");
+    assert_eq!(after["unacked"], 3, "{after}");
+    assert_eq!(server.metrics().await.get("websocket_unacked_events"), 3.0);
+    // An older ack changes nothing; closing the session takes its depth out of the gauge.
+    c.send(json!({"type": "ack", "message_id": first[0]})).await;
+    c.assert_alive().await;
+    assert_eq!(acme_session(&server, &admin).await["unacked"], 3);
+    drop(c);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while server.metrics().await.get("websocket_unacked_events") != 0.0 {
+        assert!(tokio::time::Instant::now() < deadline, "gauge not settled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.shutdown().await;
+}
+
+async fn acme_session(server: &TestServer, admin: &str) -> Value {
+    let r =
+        server.http("GET", "/admin/sessions?tenant=acme", &[("authorization", &format!("Bearer {admin}"))], None).await;
+    r.json()["sessions"][0].clone()
+}
