@@ -188,7 +188,9 @@ fn deadline_for(expires_at: u64, leeway: Duration) -> tokio::time::Instant {
 
 /// A subscription that resumed: live events it could have replayed are not written twice.
 struct Resumed {
-    id: String,
+    /// The subscription's `Sub::key`; the entry outlives an unsubscribe until the seam passes,
+    /// because the events it replayed stay replayed.
+    key: u64,
     filter: Arc<SubscriptionFilter>,
     /// The client's position: it has everything matching up to here.
     after: MessageId,
@@ -201,11 +203,19 @@ struct Resumed {
 /// (after the client's position) or it is at or before the position and no other subscription
 /// of the connection wants it.
 fn already_covered(e: &Published, resumed: &[Resumed], subs: &[Sub]) -> bool {
+    // A subscription "has" the event when it resumed from a position at or after it.
+    let has = |key: u64| resumed.iter().any(|r| r.key == key && e.id <= r.after);
     resumed.iter().any(|r| {
         e.id <= r.through
             && r.filter.matches(&e.routing)
-            && (e.id > r.after || !subs.iter().any(|s| s.id != r.id && s.filter.matches(&e.routing)))
+            && (e.id > r.after || !subs.iter().any(|s| s.key != r.key && s.filter.matches(&e.routing) && !has(s.key)))
     })
+}
+
+/// The position to resume from to get every event lost from `first_lost` on: the one before it.
+/// Events after it that did arrive (shedding drops low priorities first) come again.
+fn resume_point(first_lost: MessageId) -> Option<String> {
+    (first_lost.seq > 1).then(|| MessageId { epoch: first_lost.epoch, seq: first_lost.seq - 1 }.to_string())
 }
 
 /// Most unacknowledged events a session tracks one by one; beyond, the oldest are only counted.
@@ -258,6 +268,8 @@ impl AckState {
 
 /// One subscription of a session.
 struct Sub {
+    /// Unique for the session's life (ids can be reused after an unsubscribe).
+    key: u64,
     id: String,
     filter: Arc<SubscriptionFilter>,
     /// The client named no event type: the filter follows the types the policy allows.
@@ -286,6 +298,8 @@ struct Session {
     batch: Vec<Arc<Published>>,
     /// Resumed subscriptions whose seam with the live stream is not yet passed.
     resumed: Vec<Resumed>,
+    /// The last `Sub::key` handed out.
+    next_sub_key: u64,
     /// The newest event written to the client (the resume point a `lagged` names).
     last_written: Option<MessageId>,
     /// Delivered events not yet acknowledged, once the client acks (boxed: most never do).
@@ -351,6 +365,7 @@ pub(crate) fn run(mut socket: Socket, boxed: Box<(SessionContext, Admitted)>) ->
         recheck_until: None,
         batch: Vec::new(),
         resumed: Vec::new(),
+        next_sub_key: 0,
         last_written: None,
         acks: None,
         received: 0,
@@ -365,6 +380,16 @@ pub(crate) fn run(mut socket: Socket, boxed: Box<(SessionContext, Admitted)>) ->
             Err(end) => end,
         };
         Box::pin(s.finish(&mut socket, end, registration)).await;
+    }
+}
+
+impl Drop for Session {
+    /// However the session ends (a panic or an aborted task too), its unacknowledged depth
+    /// leaves the gauge.
+    fn drop(&mut self) {
+        if let Some(state) = self.acks.take() {
+            self.ctx.metrics.unacked_events.sub(state.depth() as i64);
+        }
     }
 }
 
@@ -397,9 +422,7 @@ impl Session {
         }
         let elapsed = registration.started.elapsed();
         drop(registration);
-        if let Some(state) = self.acks.take() {
-            self.ctx.metrics.unacked_events.sub(state.depth() as i64);
-        }
+
         tracing::info!(
             session_id = %self.conn.session_id, tenant = %self.conn.tenant, subject = %self.conn.subject,
             close_code = code, reason, duration_secs = elapsed.as_secs_f64(), "session closed"
@@ -480,7 +503,7 @@ impl Session {
             let d = self.conn.outbox.drain(&mut batch, BATCH);
             if let Some((dropped, first)) = d.lagged {
                 self.dropped += dropped;
-                let resume_from = self.last_written.map(|id| id.to_string());
+                let resume_from = resume_point(first);
                 Box::pin(
                     self.send(
                         socket,
@@ -491,7 +514,7 @@ impl Session {
             }
             self.recheck(&mut batch);
             self.skip_replayed(&mut batch);
-            let written = if batch.is_empty() { Ok(()) } else { self.write_events(socket, &batch).await };
+            let written = if batch.is_empty() { Ok(()) } else { self.write_events(socket, &batch, true).await };
             batch.clear();
             self.batch = batch;
             written?;
@@ -580,7 +603,8 @@ impl Session {
         End::Abort
     }
 
-    async fn write_events(&mut self, socket: &mut Socket, batch: &[Arc<Published>]) -> Result<(), End> {
+    /// Writes events; `live` ones (not replayed) feed the publish-to-delivery latency histogram.
+    async fn write_events(&mut self, socket: &mut Socket, batch: &[Arc<Published>], live: bool) -> Result<(), End> {
         for ev in batch {
             socket.queue_text(&ev.frame);
         }
@@ -601,7 +625,7 @@ impl Session {
                 }
                 metrics.events_delivered.inc_by(n);
                 metrics.messages_sent.inc_by(n);
-                for ev in batch {
+                for ev in batch.iter().filter(|_| live) {
                     metrics.message_latency.observe(ev.published_at.elapsed().as_secs_f64());
                 }
             }
@@ -875,7 +899,9 @@ impl Session {
                 let effective = filter.to_spec();
                 let filter = Arc::new(filter);
                 self.subs.reserve_exact(1);
-                self.subs.push(Sub { id: id.clone(), filter: Arc::clone(&filter), all_types });
+                self.next_sub_key += 1;
+                let key = self.next_sub_key;
+                self.subs.push(Sub { key, id: id.clone(), filter: Arc::clone(&filter), all_types });
                 // Live first, then the window: whatever the snapshot misses arrives live.
                 self.publish_filters();
                 let replay = resume_from.map(|after| (after, self.ctx.bus.replay(&self.conn.tenant, after, &filter)));
@@ -895,9 +921,13 @@ impl Session {
                 match replay {
                     None => Ok(()),
                     Some((after, Ok(r))) => {
-                        self.resumed.push(Resumed { id, filter, after, through: r.through });
-                        for chunk in r.events.chunks(BATCH) {
-                            self.write_events(socket, chunk).await?;
+                        self.resumed.push(Resumed { key, filter, after, through: r.through });
+                        for (i, chunk) in r.events.chunks(BATCH).enumerate() {
+                            if let Err(end) = self.write_events(socket, chunk, false).await {
+                                // What was never attempted is lost too: the final `lagged` says so.
+                                self.conn.outbox.record_unsent(r.events.get((i + 1) * BATCH..).unwrap_or_default());
+                                return Err(end);
+                            }
                         }
                         Ok(())
                     }
@@ -919,7 +949,6 @@ impl Session {
                     return self.client_error(socket, e).await;
                 };
                 self.subs.swap_remove(at);
-                self.resumed.retain(|r| r.id != id);
                 self.publish_filters();
                 // Anything queued from now on was matched against the new set; what is already
                 // queued is re-checked before it is written.
@@ -938,6 +967,10 @@ impl Session {
                 self.send(socket, ServerMessage::Pong { timestamp }).await
             }
             ClientMessage::Ack(a) => match a.message_id.parse::<MessageId>() {
+                Ok(id) if self.last_written.is_none_or(|w| id > w || id.epoch != w.epoch) => {
+                    let e = err(ErrorCode::InvalidMessage, format!("ack of {id}, which was not delivered here"), None);
+                    self.client_error(socket, e).await
+                }
                 Ok(id) => {
                     let state = self.acks.get_or_insert_with(Box::default);
                     let acked = state.ack(id);
@@ -1033,7 +1066,7 @@ impl Session {
                 ServerMessage::Lagged {
                     dropped,
                     since_message_id: first.to_string(),
-                    resume_from: self.last_written.map(|id| id.to_string()),
+                    resume_from: resume_point(first),
                 }
                 .to_text()
                 .as_bytes(),
@@ -1092,7 +1125,7 @@ mod tests {
     }
 
     fn sub(id: &str, f: &Arc<SubscriptionFilter>) -> Sub {
-        Sub { id: id.to_owned(), filter: Arc::clone(f), all_types: false }
+        Sub { key: u64::from(id.as_bytes()[0]), id: id.to_owned(), filter: Arc::clone(f), all_types: false }
     }
 
     #[test]
@@ -1122,7 +1155,7 @@ mod tests {
         let resumed_f = filter(&["escalated"]);
         let other_f = filter(&["escalated", "comment_added"]);
         let resumed = [Resumed {
-            id: "r".into(),
+            key: u64::from(b'r'),
             filter: Arc::clone(&resumed_f),
             after: MessageId { epoch: 7, seq: 10 },
             through: MessageId { epoch: 7, seq: 20 },
@@ -1143,5 +1176,26 @@ mod tests {
         // Replayed events stay skipped even if another subscription also matches them.
         assert!(already_covered(&event(15, "escalated"), &resumed, &both));
         assert!(!already_covered(&event(15, "escalated"), &[], &both), "no resume, nothing skipped");
+        // Two subscriptions resumed from the same position both have what precedes it.
+        let twice = [
+            Resumed {
+                key: u64::from(b'r'),
+                filter: Arc::clone(&resumed_f),
+                after: MessageId { epoch: 7, seq: 10 },
+                through: MessageId { epoch: 7, seq: 20 },
+            },
+            Resumed {
+                key: u64::from(b'o'),
+                filter: Arc::clone(&other_f),
+                after: MessageId { epoch: 7, seq: 10 },
+                through: MessageId { epoch: 7, seq: 20 },
+            },
+        ];
+        assert!(already_covered(&event(9, "escalated"), &twice, &both));
+        assert!(already_covered(&event(9, "comment_added"), &twice, &both));
+        // A resumed subscription that was removed still covers what it replayed.
+        let only_other = [sub("o", &other_f)];
+        assert!(already_covered(&event(15, "escalated"), &resumed, &only_other));
+        assert!(!already_covered(&event(9, "escalated"), &resumed, &only_other), "the other one wants it");
     }
 }

@@ -237,7 +237,9 @@ async fn browser_origins_must_be_allowed_by_the_tenant() {
     let refused = try_connect(&server, &t, &[("origin", "https://app.example")], None).await.expect_err("refused");
     assert_eq!(refused.code(), "origin_not_allowed");
     assert_eq!(server.metrics().await.get("auth_failures_total{reason=\"origin_not_allowed\"}"), 2.0);
-    let rec = wait_audit(&audit, "origin", |r| r["reason"] == "origin_not_allowed").await;
+    let rec =
+        wait_audit(&audit, "origin", |r| r["reason"] == "origin_not_allowed" && r["origin"] == "https://app.example")
+            .await;
     assert_eq!(
         (rec["kind"].as_str(), rec["origin"].as_str()),
         (Some("connection.rejected"), Some("https://app.example"))

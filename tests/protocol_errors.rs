@@ -91,8 +91,9 @@ async fn unknown_types_filters_and_subscription_ids() {
     let e = expect_error(&mut c, "invalid_message").await;
     assert_eq!(e["subscription_id"], "r");
 
-    // A valid ack gets no answer; the connection stays in order.
+    // An ack of an id never delivered here is refused (a good ack is tests/resume.rs).
     c.send(json!({"type": "ack", "message_id": "1-1"})).await;
+    expect_error(&mut c, "invalid_message").await;
     c.assert_alive().await;
 
     // The failed subscriptions never took effect: exactly one subscription is active.

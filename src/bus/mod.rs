@@ -205,7 +205,10 @@ impl LocalBus {
             return Err(ResumeError::Evicted { asked: after, oldest: window.events.front().map(|e| e.id) });
         }
         let start = window.events.partition_point(|e| e.id <= after);
-        let events = window.events.range(start..).filter(|e| filter.matches(&e.routing)).cloned().collect();
+        let candidates: Vec<Arc<Published>> = window.events.range(start..).cloned().collect();
+        // Matching runs after the lock is released: publishers of every tenant wait on it.
+        drop(seq);
+        let events = candidates.into_iter().filter(|e| filter.matches(&e.routing)).collect();
         Ok(Replayed { events, through })
     }
 
