@@ -194,3 +194,50 @@ async fn acme_session(server: &TestServer, admin: &str) -> Value {
         server.http("GET", "/admin/sessions?tenant=acme", &[("authorization", &format!("Bearer {admin}"))], None).await;
     r.json()["sessions"][0].clone()
 }
+
+/// A resume right behind a large burst (its fan-out slowed by other subscribers): each event
+/// written once. On this machine the dispatcher usually finishes the burst before the resume
+/// reads the window, so the overlap rule itself is proven by its unit test
+/// (`session::tests::live_events_the_replay_covered_are_not_written_twice`); this test guards the
+/// end-to-end behaviour around it.
+#[tokio::test]
+async fn a_resume_during_a_burst_writes_each_event_once() {
+    let mut cfg = config();
+    cfg.publish.max_batch = 1000;
+    cfg.websocket.max_pending_messages = 100_000;
+    let server = TestServer::start(cfg).await;
+    // Other subscribers make each dispatch take longer.
+    let mut others = Vec::new();
+    for i in 0..40 {
+        let mut o = Client::as_user(&server, "acme", &format!("other-{i}")).await;
+        o.subscribe("all", json!({})).await;
+        others.push(o);
+    }
+    let t = token("acme", "seam", &[], 300);
+    let mut c = Client::connect(&server, &t).await;
+    c.subscribe("s", json!({})).await;
+    let mut got = Vec::new();
+    let mut expected = Vec::new();
+    for round in 0..6 {
+        let before = server.publish("acme", &json!({"event_type": "escalated"})).await;
+        expected.extend(before);
+        read_events(&mut c, &mut got, expected.len()).await;
+        drop(c);
+        let last = got.last().cloned().expect("an event");
+        let burst = Value::Array((0..1000).map(|_| json!({"event_type": "escalated"})).collect());
+        let mut resumed = Client::connect(&server, &t).await;
+        // The burst is queued for the fan-out (41 connections to push to); the resume follows
+        // at once, while the dispatcher is still working through it.
+        let ids = server.publish("acme", &burst).await;
+        resumed.send(json!({"type": "subscribe", "subscription_id": "s", "filters": {}, "resume_from": last})).await;
+        assert_eq!(resumed.recv().await["type"], "subscribed", "round {round}");
+        c = resumed;
+        expected.extend(ids);
+        read_events(&mut c, &mut got, expected.len()).await;
+        c.expect_silence(Duration::from_millis(100)).await;
+        assert_eq!(got.len(), expected.len(), "round {round}: count");
+        assert_eq!(got, expected, "round {round}: once each, in order");
+    }
+    drop(others);
+    server.shutdown().await;
+}
