@@ -297,6 +297,7 @@ impl Server {
         }
         let limiters = Arc::clone(&self.state.limiters);
         let metrics = Arc::clone(&self.state.metrics);
+        let bus = Arc::clone(&self.state.bus);
         let sweep_every = Duration::from_secs(self.config.limits.sweep_interval_secs);
         let sweeper = tokio::spawn(async move {
             let mut tick = tokio::time::interval(sweep_every);
@@ -305,6 +306,7 @@ impl Server {
                 tick.tick().await;
                 limiters.sweep();
                 metrics.limiter_keys.set(limiters.tracked_keys() as i64);
+                bus.trim_windows();
             }
         });
         let mut tasks = vec![dispatcher, cleanup, sweeper];

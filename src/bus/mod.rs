@@ -173,6 +173,18 @@ impl LocalBus {
         (LocalBus { seq: Mutex::new(seq), tx, capacity, window }, rx)
     }
 
+    /// Drops what every tenant's window holds past its limits, the age limit included, so a
+    /// tenant that stopped publishing does not keep its events forever (run periodically). The
+    /// windows themselves stay: they remember what was evicted, so a later resume is told.
+    pub fn trim_windows(&self) {
+        let mut seq = self.seq.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        for w in seq.windows.values_mut() {
+            w.trim(&self.window, now);
+            w.events.shrink_to_fit();
+        }
+    }
+
     /// The retained events of `tenant` after `after` that match `filter`, in publish order; or
     /// why that position cannot be replayed exactly. Everything the tenant published before this
     /// call is either returned, older than `after`, or reported as evicted; everything published
@@ -325,6 +337,22 @@ mod tests {
         assert_eq!(bus.replay(&acme, before_it, &all()).expect("within bytes").events.len(), kept);
         let older = MessageId { epoch: first_kept.epoch, seq: first_kept.seq - 2 };
         assert!(matches!(bus.replay(&acme, older, &all()), Err(ResumeError::Evicted { .. })));
+    }
+
+    #[test]
+    fn an_idle_tenants_window_ages_out_and_says_so() {
+        let limits = WindowLimits { events: 100, bytes: 1 << 20, age: Duration::from_millis(30) };
+        let (bus, _rx) = LocalBus::with_window(100, limits);
+        let acme = TenantId::new("acme").expect("t");
+        let ids = bus.publish(events(&acme, &["escalated", "escalated"])).expect("publish");
+        std::thread::sleep(Duration::from_millis(60));
+        bus.trim_windows();
+        let before = MessageId { epoch: ids[0].epoch, seq: ids[0].seq - 1 };
+        assert_eq!(
+            bus.replay(&acme, before, &all()).expect_err("aged out"),
+            ResumeError::Evicted { asked: before, oldest: None }
+        );
+        assert!(bus.replay(&acme, ids[1], &all()).expect("nothing after the newest").events.is_empty());
     }
 
     #[test]
