@@ -399,6 +399,62 @@ pub enum BusKind {
     /// In-process: the embedded default.
     #[default]
     Local,
+    /// NATS JetStream, shared by every gateway node (`[bus.nats]`).
+    Nats,
+}
+
+/// Where JetStream keeps the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NatsStorage {
+    /// On disk: survives a restart of the NATS server.
+    #[default]
+    File,
+    /// In memory: lost (a new epoch) when the NATS server restarts.
+    Memory,
+}
+
+/// `[bus.nats]`: the JetStream stream every node publishes to and consumes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Server URL(s), comma-separated (`nats://host:4222`, `tls://host:4222`).
+    pub url: String,
+    /// The stream's name; created with the settings below when missing.
+    pub stream: String,
+    /// Events go to `<subject_prefix>.<tenant>.<event_type>`.
+    pub subject_prefix: String,
+    /// Events older than this leave the stream (0: no age limit).
+    pub max_age_secs: u64,
+    /// Most bytes the stream holds; the oldest events go first.
+    pub max_bytes: u64,
+    /// File or memory storage.
+    pub storage: NatsStorage,
+    /// Stream replicas (1 for a single NATS server; 3 for a NATS cluster).
+    pub replicas: usize,
+    /// A NATS credentials file (JWT + nkey seed), when the server requires one.
+    pub credentials_file: Option<PathBuf>,
+    /// How long a publish waits for the stream's acknowledgement, and a replay for its events.
+    pub request_timeout_ms: u64,
+    /// Longest wait between two reconnection attempts (the backoff doubles up to it).
+    pub max_reconnect_delay_ms: u64,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: "nats://127.0.0.1:4222".to_owned(),
+            stream: "INCIDENTS".to_owned(),
+            subject_prefix: "incidents".to_owned(),
+            max_age_secs: 86_400,
+            max_bytes: 1 << 30,
+            storage: NatsStorage::File,
+            replicas: 1,
+            credentials_file: None,
+            request_timeout_ms: 5_000,
+            max_reconnect_delay_ms: 5_000,
+        }
+    }
 }
 
 /// `[bus]`
@@ -413,11 +469,19 @@ pub struct BusConfig {
     pub replay_max_age_secs: u64,
     /// Most bytes of event frames retained per tenant (the oldest go first).
     pub replay_max_bytes: usize,
+    /// The JetStream settings, used when `kind = "nats"`.
+    pub nats: NatsConfig,
 }
 
 impl Default for BusConfig {
     fn default() -> Self {
-        BusConfig { kind: BusKind::Local, replay_window: 10_000, replay_max_age_secs: 3600, replay_max_bytes: 16 << 20 }
+        BusConfig {
+            kind: BusKind::Local,
+            replay_window: 10_000,
+            replay_max_age_secs: 3600,
+            replay_max_bytes: 16 << 20,
+            nats: NatsConfig::default(),
+        }
     }
 }
 
@@ -571,6 +635,33 @@ impl Config {
                 ),
             });
         }
+        if self.bus.kind == BusKind::Nats {
+            let n = &self.bus.nats;
+            at_least("bus.nats.request_timeout_ms", n.request_timeout_ms, 100)?;
+            at_least("bus.nats.max_reconnect_delay_ms", n.max_reconnect_delay_ms, 100)?;
+            at_least("bus.nats.replicas", n.replicas as u64, 1)?;
+            at_least("bus.nats.max_bytes", n.max_bytes, 1 << 20)?;
+            let token =
+                |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !n.subject_prefix.split('.').all(token) {
+                return Err(ConfigError::Invalid {
+                    key: "bus.nats.subject_prefix",
+                    message: format!(
+                        "`{}` must be dot-separated tokens of A-Z, a-z, 0-9, '_' or '-'",
+                        n.subject_prefix
+                    ),
+                });
+            }
+            if !token(&n.stream) {
+                return Err(ConfigError::Invalid {
+                    key: "bus.nats.stream",
+                    message: format!("`{}` must be a name of A-Z, a-z, 0-9, '_' or '-'", n.stream),
+                });
+            }
+            if n.url.trim().is_empty() {
+                return Err(ConfigError::Invalid { key: "bus.nats.url", message: "must name a server".into() });
+            }
+        }
         if self.auth.keys.is_empty() && self.auth.jwks.is_empty() {
             return Err(ConfigError::Invalid {
                 key: "auth.keys",
@@ -701,6 +792,9 @@ mod tests {
             ("", &[("INCIDENT_STREAM__WEBSOCKET__MAX_PENDING_MESSAGES", "0")], "websocket.max_pending_messages"),
             ("[log]\nformat = \"xml\"\n", &[], "log.format"),
             ("[bus]\nkind = \"kafka\"\n", &[], "bus.kind"),
+            ("[bus]\nkind = \"nats\"\n[bus.nats]\nsubject_prefix = \"a.*\"\n", &[], "bus.nats.subject_prefix"),
+            ("[bus]\nkind = \"nats\"\n[bus.nats]\nstream = \"A.B\"\n", &[], "bus.nats.stream"),
+            ("[bus.nats]\nstorage = \"tape\"\n", &[], "bus.nats.storage"),
             ("[publish]\nmax_batch = 20000\n", &[], "publish.max_batch"),
             ("[auth]\nleeway_secs = 100000\n", &[], "auth.leeway_secs"),
             ("[[auth.jwks]]\nissuer = \"i\"\nfile = \"f\"\nalgorithms = [\"ES256\"]\n", &[], "auth.audience"),

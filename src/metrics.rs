@@ -55,6 +55,15 @@ pub struct Metrics {
     pub limiter_keys: IntGauge,
     /// `auth_token_verifications_total`: tokens checked (signature and claims), whatever the result.
     pub token_verifications: IntCounter,
+    /// `bus_connected`: 1 while events flow from the bus to this node's fan-out (NATS: connected
+    /// and consuming the stream; local: always).
+    pub bus_connected: IntGauge,
+    /// `bus_invalid_messages_total`: stream messages this node refused to deliver (not a valid
+    /// event, or the subject's tenant differs from the event's).
+    pub bus_invalid_messages: IntCounter,
+    /// `bus_events_lost_total`: stream events this node never delivered because the stream had
+    /// already discarded them when it reconnected (an outage longer than the retention).
+    pub bus_events_lost: IntCounter,
 }
 
 /// The reasons `auth_failures_total` is labelled with; all pre-registered at zero.
@@ -190,6 +199,17 @@ impl Metrics {
                 "Bearer tokens verified (signature and claims), whatever the result",
             )?,
             limiter_keys: gauge(&r, "rate_limiter_tracked_keys", "Keys held by the keyed rate limiters")?,
+            bus_connected: gauge(&r, "bus_connected", "1 while events flow from the bus to this node's fan-out")?,
+            bus_invalid_messages: counter(
+                &r,
+                "bus_invalid_messages_total",
+                "Stream messages refused: not a valid event, or the subject's tenant is not the event's",
+            )?,
+            bus_events_lost: counter(
+                &r,
+                "bus_events_lost_total",
+                "Stream events discarded by retention before this node could deliver them",
+            )?,
             registry: r,
         })
     }

@@ -19,7 +19,8 @@ use tokio::task::JoinHandle;
 
 use crate::audit::{AuditLog, AuditWriter};
 use crate::auth::{Authenticator, KeyError};
-use crate::bus::{LocalBus, Published};
+use crate::bus::{Bus, LocalBus, NatsBus, Published};
+use crate::config::BusKind;
 use crate::config::{Config, ConfigError};
 use crate::fanout::{self, Hub};
 use crate::http::{self, AppState};
@@ -245,7 +246,22 @@ impl Server {
             bytes: config.bus.replay_max_bytes,
             age: Duration::from_secs(config.bus.replay_max_age_secs),
         };
-        let (bus, bus_rx) = LocalBus::with_window(ws.broadcast_capacity, window);
+        let (bus, bus_rx) = match config.bus.kind {
+            BusKind::Local => {
+                let (bus, rx) = LocalBus::with_window(ws.broadcast_capacity, window);
+                metrics.bus_connected.set(1);
+                (Bus::Local(bus), rx)
+            }
+            BusKind::Nats => {
+                let (bus, rx) = NatsBus::new(
+                    config.bus.nats.clone(),
+                    config.bus.replay_window,
+                    ws.broadcast_capacity,
+                    Arc::clone(&metrics),
+                );
+                (Bus::Nats(bus), rx)
+            }
+        };
         let heartbeat = Duration::from_secs(ws.heartbeat_interval_secs);
         let sessions = Arc::new(SessionSettings {
             heartbeat,
@@ -306,10 +322,13 @@ impl Server {
                 tick.tick().await;
                 limiters.sweep();
                 metrics.limiter_keys.set(limiters.tracked_keys() as i64);
-                bus.trim_windows();
+                bus.trim();
             }
         });
         let mut tasks = vec![dispatcher, cleanup, sweeper];
+        if let Bus::Nats(nats) = &*self.state.bus {
+            tasks.push(tokio::spawn(Arc::clone(nats).run()));
+        }
         if self.config.policies.watch {
             let every = Duration::from_millis(self.config.policies.watch_interval_ms);
             tasks.push(tokio::spawn(crate::reload::run_watcher(Arc::clone(&self.state.reloader), every)));

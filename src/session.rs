@@ -19,7 +19,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::audit::{AuditLog, Kind, Record};
 use crate::auth::{Authenticator, Principal};
-use crate::bus::{LocalBus, Published};
+use crate::bus::{Bus, Published};
 use crate::event::MessageId;
 use crate::fanout::{Conn, Hub, Reservation};
 use crate::filter::{FilterError, SubscriptionFilter};
@@ -65,7 +65,7 @@ pub(crate) struct SessionContext {
     /// The id sent in `welcome` (already in the `connection.accepted` record).
     pub(crate) session_id: String,
     pub(crate) hub: Arc<Hub>,
-    pub(crate) bus: Arc<LocalBus>,
+    pub(crate) bus: Arc<Bus>,
     pub(crate) auth: Arc<Authenticator>,
     pub(crate) policies: Arc<PolicyStore>,
     pub(crate) metrics: Arc<Metrics>,
@@ -904,7 +904,10 @@ impl Session {
                 self.subs.push(Sub { key, id: id.clone(), filter: Arc::clone(&filter), all_types });
                 // Live first, then the window: whatever the snapshot misses arrives live.
                 self.publish_filters();
-                let replay = resume_from.map(|after| (after, self.ctx.bus.replay(&self.conn.tenant, after, &filter)));
+                let replay = match resume_from {
+                    Some(after) => Some((after, self.ctx.bus.replay(&self.conn.tenant, after, &filter).await)),
+                    None => None,
+                };
                 tracing::debug!(session_id = %self.conn.session_id, subscription_id = %id, "subscribed");
                 let mut record = self
                     .audit_record(Kind::SubscriptionCreated)

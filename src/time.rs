@@ -34,7 +34,7 @@ pub fn unix_now_ms() -> u64 {
     u64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
 }
 
-fn format_utc(t: OffsetDateTime) -> String {
+pub(crate) fn format_utc(t: OffsetDateTime) -> String {
     let t = t.replace_nanosecond(t.microsecond() * 1000).unwrap_or(t);
     t.format(&Rfc3339).unwrap_or_default()
 }

@@ -154,7 +154,7 @@ async fn health_ready_and_metrics_are_open() {
     let r = server.http("GET", "/health", &[], None).await;
     assert_eq!((r.status, r.json()), (200, json!({"status": "ok"})));
     let r = server.http("GET", "/ready", &[], None).await;
-    assert_eq!((r.status, r.json()), (200, json!({"status": "ready", "audit": "ok"})));
+    assert_eq!((r.status, r.json()), (200, json!({"status": "ready", "audit": "ok", "bus": "ok"})));
     let r = server.http("GET", "/metrics", &[], None).await;
     assert_eq!(r.status, 200);
     assert!(r.header("content-type").is_some_and(|c| c.starts_with("text/plain")));

@@ -22,18 +22,22 @@ pub struct ApiError {
     pub retry_after: Option<u64>,
     /// RFC 6750 challenge, for 401 and 403 on bearer-protected routes.
     pub challenge: Option<String>,
+    /// For a publish that failed part-way: per event, its id when it was stored.
+    pub message_ids: Option<Vec<Option<String>>>,
 }
 
 #[derive(Serialize)]
 struct Body<'a> {
     code: &'a str,
     message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message_ids: Option<&'a [Option<String>]>,
 }
 
 impl ApiError {
     /// An error without extra headers.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into(), retry_after: None, challenge: None }
+        ApiError { status, code, message: message.into(), retry_after: None, challenge: None, message_ids: None }
     }
 
     /// 429 `rate_limited` with `Retry-After`.
@@ -77,7 +81,11 @@ impl From<&AuthError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut resp = (self.status, Json(Body { code: self.code, message: &self.message })).into_response();
+        let mut resp = (
+            self.status,
+            Json(Body { code: self.code, message: &self.message, message_ids: self.message_ids.as_deref() }),
+        )
+            .into_response();
         if let Some(secs) = self.retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }

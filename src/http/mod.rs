@@ -22,7 +22,7 @@ use axum::{Json, Router};
 
 use crate::audit::AuditLog;
 use crate::auth::Authenticator;
-use crate::bus::LocalBus;
+use crate::bus::Bus;
 use crate::config::PublishConfig;
 use crate::fanout::Hub;
 use crate::metrics::Metrics;
@@ -31,7 +31,7 @@ use crate::session::SessionSettings;
 /// Shared state of every handler.
 pub(crate) struct AppState {
     pub(crate) hub: Arc<Hub>,
-    pub(crate) bus: Arc<LocalBus>,
+    pub(crate) bus: Arc<Bus>,
     pub(crate) auth: Arc<Authenticator>,
     pub(crate) policies: Arc<crate::policy::store::PolicyStore>,
     pub(crate) reloader: Arc<crate::reload::Reloader>,
@@ -81,10 +81,12 @@ async fn health() -> Json<serde_json::Value> {
 
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let audit = if state.audit.is_available() { "ok" } else { "unavailable" };
-    if state.bus.is_open() && !state.audit.refuses_connections() {
-        Json(serde_json::json!({"status": "ready", "audit": audit})).into_response()
+    let bus_ready = state.bus.is_ready();
+    let bus = if bus_ready { "ok" } else { "unavailable" };
+    if bus_ready && !state.audit.refuses_connections() {
+        Json(serde_json::json!({"status": "ready", "audit": audit, "bus": bus})).into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": "not_ready", "audit": audit})))
+        (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": "not_ready", "audit": audit, "bus": bus})))
             .into_response()
     }
 }

@@ -133,12 +133,22 @@ async fn accept(state: &AppState, principal: &Principal, req: Request<Body>) -> 
             }
         }
     }
-    let ids = state.bus.publish(events).map_err(|e| match e {
+    let ids = state.bus.publish(events).await.map_err(|e| match e {
         BusError::Overloaded { .. } => ApiError {
             retry_after: Some(1),
             ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", e.to_string())
         },
         BusError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", e.to_string()),
+        BusError::Unavailable { ref stored, .. } => {
+            // Part of a batch may be stored: say which, so a retry can leave those out.
+            let any = stored.iter().any(Option::is_some);
+            let message_ids = any.then(|| stored.iter().map(|s| s.map(|id| id.to_string())).collect());
+            ApiError {
+                retry_after: Some(1),
+                message_ids,
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", e.to_string())
+            }
+        }
     })?;
     Ok(ids.into_iter().map(|id| id.to_string()).collect())
 }
