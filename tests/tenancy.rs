@@ -1,12 +1,14 @@
 //! The tenancy invariant under attack, over many seeds: several tenants, random filters (some
 //! naming another tenant's label, some naming incident ids other tenants use too, some empty),
 //! a random stream of events for all tenants; every subscriber receives exactly its own tenant's
-//! matching events, in order, once, and nothing else.
+//! matching events, in order, once, and nothing else. Run on the local bus and again over NATS
+//! JetStream with the subscribers on two gateway nodes.
 
 mod common;
 
 use std::time::Duration;
 
+use common::nats::{wait_ready, NatsServer};
 use common::{reference_matches, token, Client, TestServer};
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
@@ -57,8 +59,31 @@ fn random_event(rng: &mut StdRng, n: usize) -> (&'static str, Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_subscriber_ever_sees_another_tenants_event() {
     let server = TestServer::default().await;
+    attack(&server, &[&server], 0..10).await;
+    server.shutdown().await;
+}
+
+/// The same attack over the NATS JetStream bus: subscribers spread over two gateway nodes, the
+/// events published through one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_subscriber_ever_sees_another_tenants_event_across_nats_nodes() {
+    let nats = NatsServer::start();
+    let a = TestServer::start(nats.gateway_config()).await;
+    let b = TestServer::start(nats.gateway_config()).await;
+    wait_ready(&a, 200).await;
+    wait_ready(&b, 200).await;
+    attack(&a, &[&a, &b], 100..106).await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Per seed: six subscribers (two per tenant) with random filters, spread over `nodes`; four
+/// batches of 15 random events for every tenant published through `publish_on` by a system
+/// publisher; each subscriber must get exactly its own tenant's matching events, in order.
+async fn attack(publish_on: &TestServer, nodes: &[&TestServer], seeds: std::ops::Range<u64>) {
+    let server = publish_on;
     let system = token("ops", "router", &["publisher", "system"], 600);
-    for seed in 0..10u64 {
+    for seed in seeds {
         let mut rng = StdRng::seed_from_u64(seed);
         struct Sub {
             c: Client,
@@ -67,7 +92,7 @@ async fn no_subscriber_ever_sees_another_tenants_event() {
         }
         let mut subs = Vec::new();
         for (i, tenant) in TENANTS.iter().cycle().take(6).enumerate() {
-            let mut c = Client::as_user(&server, tenant, &format!("s{seed}-{i}")).await;
+            let mut c = Client::as_user(nodes[i % nodes.len()], tenant, &format!("s{seed}-{i}")).await;
             let mut accepted = Vec::new();
             for k in 0..rng.random_range(1..=3) {
                 let f = random_filter(&mut rng, tenant);
@@ -124,5 +149,4 @@ async fn no_subscriber_ever_sees_another_tenants_event() {
             s.c.expect_silence(Duration::from_millis(100)).await;
         }
     }
-    server.shutdown().await;
 }

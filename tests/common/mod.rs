@@ -4,6 +4,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod keys;
+pub mod nats;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
