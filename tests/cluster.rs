@@ -300,8 +300,8 @@ async fn a_node_cut_off_from_nats_delivers_what_others_published_meanwhile_once_
 
     proxy.cut();
     wait_ready(&a, 503).await;
-    // Held until A gave its consumer up (missed heartbeats), so the way back is the recreation
-    // from the last delivered sequence, not the same consumer carrying on.
+    // Held until A gave its consumer up (it does on the disconnection), so the way back is the
+    // recreation from the last delivered sequence.
     let deadline = tokio::time::Instant::now() + WAIT;
     while a.metrics().await.get("bus_connected") != 0.0 {
         assert!(tokio::time::Instant::now() < deadline, "the consumer was never given up");

@@ -50,6 +50,8 @@ const HEARTBEAT: Duration = Duration::from_secs(2);
 /// resume together, and each replay creates a consumer; the others wait their turn (within the
 /// replay's time limit).
 const MAX_CONCURRENT_REPLAYS: usize = 32;
+/// Publishes of one node awaiting the stream's acknowledgement; beyond, a publish gets 503.
+const MAX_ACKS_IN_FLIGHT: usize = 20_000;
 
 /// The subject an event is published to.
 pub fn subject_for(prefix: &str, routing: &Routing) -> String {
@@ -118,6 +120,9 @@ pub struct NatsBus {
     tx: mpsc::Sender<Arc<Published>>,
     conn: ArcSwapOption<Conn>,
     consuming: AtomicBool,
+    /// Counts the client's disconnections: the fan-out consumer is recreated after each, since
+    /// a consumer without acks counts what was in flight when the link broke as delivered.
+    disconnects: Arc<tokio::sync::watch::Sender<u64>>,
     /// The newest stream sequence handed to the fan-out.
     delivered: AtomicU64,
     replay_slots: tokio::sync::Semaphore,
@@ -167,6 +172,7 @@ impl NatsBus {
             tx,
             conn: ArcSwapOption::empty(),
             consuming: AtomicBool::new(false),
+            disconnects: Arc::new(tokio::sync::watch::Sender::new(0)),
             delivered: AtomicU64::new(0),
             replay_slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_REPLAYS),
             metrics,
@@ -196,11 +202,20 @@ impl NatsBus {
                 let exp = u32::try_from(attempts.min(16)).unwrap_or(16);
                 Duration::from_millis(100).saturating_mul(2u32.saturating_pow(exp)).min(max)
             })
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                    async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
-                    other => tracing::info!(event = %other, "NATS client event"),
+            .event_callback({
+                let disconnects = Arc::clone(&self.disconnects);
+                move |event| {
+                    let disconnects = Arc::clone(&disconnects);
+                    async move {
+                        match event {
+                            async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                            async_nats::Event::Disconnected => {
+                                disconnects.send_modify(|n| *n += 1);
+                                tracing::warn!("disconnected from NATS; reconnecting");
+                            }
+                            other => tracing::info!(event = %other, "NATS client event"),
+                        }
+                    }
                 }
             });
         if let Some(path) = &self.config.credentials_file {
@@ -252,7 +267,10 @@ impl NatsBus {
         };
         let js = jetstream::ContextBuilder::new()
             .timeout(Duration::from_millis(self.config.request_timeout_ms))
-            .backpressure_on_inflight(true)
+            // Never wait for an in-flight slot: a full window answers 503 at once (waiting could
+            // deadlock concurrent batches that each hold slots while waiting for more).
+            .max_ack_inflight(MAX_ACKS_IN_FLIGHT)
+            .backpressure_on_inflight(false)
             .build(client.clone());
         let mut first = true;
         loop {
@@ -280,7 +298,8 @@ impl NatsBus {
                 Some(e) if e == epoch => self.delivered.load(Ordering::Acquire) + 1,
                 Some(old) => {
                     tracing::warn!(old, epoch, "NATS bus: the stream was created again; ids start a new epoch");
-                    info.state.first_sequence
+                    // An empty stream reports 0 as its first sequence; sequences start at 1.
+                    info.state.first_sequence.max(1)
                 }
                 // A node starts with what is published from now on; older events are replayed
                 // on request.
@@ -296,7 +315,7 @@ impl NatsBus {
                 );
                 next = info.state.first_sequence;
             }
-            self.delivered.store(next - 1, Ordering::Release);
+            self.delivered.store(next.saturating_sub(1), Ordering::Release);
             self.conn.store(Some(Arc::new(Conn { client: client.clone(), js: js.clone(), epoch })));
             if first {
                 tracing::info!(stream = %self.config.stream, epoch, from = next, "NATS bus: consuming the stream");
@@ -313,7 +332,9 @@ impl NatsBus {
         }
     }
 
-    /// Feeds the fan-out from `next` on; `Ok` when the fan-out is gone (shutdown).
+    /// Feeds the fan-out from `next` on; `Ok` when the fan-out is gone (shutdown). The consumer
+    /// is given up (and deleted, best effort) on any error, a disconnection, or a gap in its own
+    /// delivery sequence; the caller recreates it after the last delivered event.
     async fn consume(
         &self,
         js: &jetstream::Context,
@@ -321,6 +342,8 @@ impl NatsBus {
         next: u64,
         backoff: &mut Backoff,
     ) -> Result<(), String> {
+        // Watched from before the consumer exists: a disconnection during its creation counts.
+        let gone = self.disconnects.subscribe();
         let stream = js.get_stream_no_info(&self.config.stream).await.map_err(|e| e.to_string())?;
         let consumer = stream
             .create_consumer(consumer::pull::Config {
@@ -334,6 +357,26 @@ impl NatsBus {
             })
             .await
             .map_err(|e| e.to_string())?;
+        let result = self.feed(&consumer, epoch, gone, backoff).await;
+        if result.is_err() {
+            let name = consumer.cached_info().name.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), stream.delete_consumer(&name)).await;
+            });
+        }
+        result
+    }
+
+    async fn feed(
+        &self,
+        consumer: &consumer::Consumer<consumer::pull::Config>,
+        epoch: u64,
+        mut gone: tokio::sync::watch::Receiver<u64>,
+        backoff: &mut Backoff,
+    ) -> Result<(), String> {
+        if gone.has_changed().unwrap_or(true) {
+            return Err("disconnected from NATS while the consumer was created".to_owned());
+        }
         let mut messages = consumer
             .stream()
             .max_messages_per_batch(PULL_BATCH)
@@ -345,9 +388,26 @@ impl NatsBus {
         self.set_consuming(true);
         backoff.reset();
         let prefix = &self.config.subject_prefix;
-        while let Some(m) = messages.next().await {
+        // The consumer numbers what it sends 1, 2, 3…; a jump means messages were sent and lost
+        // (a broken link, or the client's buffer overflowing), and without acks they count as
+        // delivered: start again from the last event actually handed on.
+        let mut expected = 1;
+        loop {
+            let m = tokio::select! {
+                m = messages.next() => m,
+                _ = gone.changed() => return Err("disconnected from NATS".to_owned()),
+            };
+            let Some(m) = m else { break };
             let m = m.map_err(|e| e.to_string())?;
             let info = m.info().map_err(|e| e.to_string())?;
+            if info.consumer_sequence != expected {
+                return Err(format!(
+                    "the consumer skipped from its delivery {} to {}",
+                    expected.saturating_sub(1),
+                    info.consumer_sequence
+                ));
+            }
+            expected += 1;
             let seq = info.stream_sequence;
             if seq <= self.delivered.load(Ordering::Acquire) {
                 continue;
@@ -473,9 +533,14 @@ impl NatsBus {
             return Err(unavailable("disconnected from NATS".into()));
         }
         let mut stream = conn.js.get_stream(&self.config.stream).await.map_err(|e| unavailable(e.to_string()))?;
-        let state = &stream.info().await.map_err(|e| unavailable(e.to_string()))?.state;
-        let (first, last) = (state.first_sequence, state.last_sequence);
+        let info = stream.info().await.map_err(|e| unavailable(e.to_string()))?;
+        let (first, last) = (info.state.first_sequence, info.state.last_sequence);
         let epoch = conn.epoch;
+        if unix_ms(info.created) != epoch {
+            // The stream was created again and this node has not caught up yet: its sequences
+            // are not the ones the node's ids speak of.
+            return Err(unavailable("the stream was created again; this node is switching to it".into()));
+        }
         let oldest = (first <= last && last > 0).then_some(MessageId { epoch, seq: first });
         if after.epoch != epoch {
             return Err(ResumeError::OtherEpoch { asked: after, epoch, oldest });
@@ -520,10 +585,10 @@ impl NatsBus {
         filter: &SubscriptionFilter,
     ) -> Result<Vec<Arc<Published>>, ResumeError> {
         let unavailable = |reason: String| ResumeError::Unavailable { reason };
+        // Pending counts the tenant's events up to the stream's end, some newer than `through`:
+        // the limit applies to what the replay would send, counted as it is read.
         let mut left = consumer.cached_info().num_pending;
-        if left > self.replay_limit as u64 {
-            return Err(ResumeError::TooMany { asked: after, pending: left, limit: self.replay_limit });
-        }
+        let mut counted: usize = 0;
         let prefix = &self.config.subject_prefix;
         let expires = Duration::from_millis(self.config.request_timeout_ms);
         let mut events = Vec::new();
@@ -547,6 +612,11 @@ impl NatsBus {
                     // Newer than the replay's snapshot: it reaches the session live.
                     left = 0;
                     break;
+                }
+                counted += 1;
+                if counted > self.replay_limit {
+                    let pending = consumer.cached_info().num_pending;
+                    return Err(ResumeError::TooMany { asked: after, pending, limit: self.replay_limit });
                 }
                 let id = MessageId { epoch: through.epoch, seq };
                 let published = unix_ms(info.published);
