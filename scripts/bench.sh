@@ -36,8 +36,10 @@ PY
 fi
 WORK=$(mktemp -d)
 SERVER_PID=""
+NATS_PID=""
 cleanup() {
   if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then kill -TERM "$SERVER_PID"; wait "$SERVER_PID" || true; fi
+  if [ -n "$NATS_PID" ] && kill -0 "$NATS_PID" 2>/dev/null; then kill -TERM "$NATS_PID"; wait "$NATS_PID" || true; fi
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -62,8 +64,29 @@ publish_burst = 100000000
 EOF
 for t in acme $(seq -f 't%g' 0 99); do echo "tenant = \"$t\"" > "$WORK/policies/$t.toml"; done
 
-start_server() { # $1 = tls true|false, $2 = audit log true|false
+# A nats-server with JetStream on a free loopback port and a fresh file store (BUS=nats).
+start_nats() {
+  rm -rf "$WORK/nats"
+  mkdir -p "$WORK/nats"
+  NATS_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  nats-server -a 127.0.0.1 -p "$NATS_PORT" -js -sd "$WORK/nats/store" -l "$WORK/nats/nats.log" &
+  NATS_PID=$!
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nats-server did not start:"; cat "$WORK/nats/nats.log"; exit 1
+}
+
+# A process's CPU seconds (user + system) from /proc, for the broker's share in the NATS rows.
+proc_cpu_secs() {
+  python3 -c 'import os,sys; f=open(f"/proc/{sys.argv[1]}/stat").read().rsplit(")",1)[1].split(); print((int(f[11])+int(f[12]))/os.sysconf("SC_CLK_TCK"))' "$1"
+}
+
+start_server() { # $1 = tls true|false, $2 = audit log true|false, $3 = bus local|nats
   rm -rf "$WORK/audit"
+  local bus=${3:-local}
+  if [ "$bus" = nats ]; then start_nats; fi
   cat > "$WORK/bench.toml" <<EOF
 [server]
 listen = "127.0.0.1:0"
@@ -95,19 +118,27 @@ enabled = $2
 path = "$WORK/audit/audit.log"
 [log]
 level = "warn"
+[bus]
+kind = "$bus"
+[bus.nats]
+url = "nats://127.0.0.1:${NATS_PORT:-4222}"
 EOF
   $BIN --config "$WORK/bench.toml" serve > "$WORK/server.out" 2> "$WORK/server.err" &
   SERVER_PID=$!
-  for _ in $(seq 100); do
+  local scheme=http
+  [ "$1" = true ] && scheme=https
+  for _ in $(seq 200); do
     ADDR=$(sed -n 's#.*listening on https\?://\([0-9.:]*\).*#\1#p' "$WORK/server.out" | head -1)
-    [ -n "$ADDR" ] && return 0
+    # Ready, not just listening: on NATS the stream must be consumed before events are published.
+    if [ -n "$ADDR" ] && curl -skf "$scheme://$ADDR/ready" >/dev/null; then return 0; fi
     sleep 0.1
   done
-  echo "server did not start:"; cat "$WORK/server.err"; exit 1
+  echo "server did not get ready:"; cat "$WORK/server.err"; exit 1
 }
 
 stop_server() {
   kill -TERM "$SERVER_PID"; wait "$SERVER_PID" || true; SERVER_PID=""
+  if [ -n "$NATS_PID" ]; then kill -TERM "$NATS_PID"; wait "$NATS_PID" || true; NATS_PID=""; fi
 }
 
 wanted() {
@@ -116,12 +147,16 @@ wanted() {
   return 1
 }
 
-# [AUDIT=false] scenario NAME TLS LOADGEN-ARGS...   (the audit log is on unless AUDIT=false)
+# [AUDIT=false] [BUS=nats] scenario NAME TLS LOADGEN-ARGS...   (the audit log is on unless
+# AUDIT=false; the local bus unless BUS=nats, which starts a nats-server for each run and adds its
+# CPU seconds during the run to the result line as broker_cpu_secs)
 scenario() {
   local name=$1 tls=$2; shift 2
   wanted "$name" || return 0
   for run in $(seq "$RUNS"); do
-    start_server "$tls" "${AUDIT:-true}"
+    start_server "$tls" "${AUDIT:-true}" "${BUS:-local}"
+    local broker_before=""
+    [ -n "$NATS_PID" ] && broker_before=$(proc_cpu_secs "$NATS_PID")
     local tlsargs=()
     [ "$tls" = true ] && tlsargs=(--ca "$WORK/certs/ca.crt")
     echo "== $name (run $run/$RUNS)" >&2
@@ -131,6 +166,9 @@ scenario() {
       perf_pid=$!
     fi
     $LOADGEN --addr "$ADDR" "${tlsargs[@]}" --server-pid "$SERVER_PID" --name "$name" "$@" 2>/dev/null >> "$RESULTS"
+    if [ -n "$broker_before" ]; then
+      python3 scripts/bench_report.py --add-broker-cpu "$RESULTS" "$broker_before" "$(proc_cpu_secs "$NATS_PID")"
+    fi
     if [ -n "$perf_pid" ]; then
       kill -INT "$perf_pid"; wait "$perf_pid" || true
       perf report -i "$OUT/$name.perf.data" --no-children --sort dso,symbol --stdio 2>/dev/null \
@@ -157,6 +195,9 @@ AUDIT=false scenario handshake-plain-noaudit false "${HS[@]}" --connections 5000
 scenario isolation-baseline false "${HS[@]}" --connections 100   --rate 200 --batch 10 --duration 15
 scenario isolation-100x100  false "${HS[@]}" --connections 10000 --tenants 100 --publish-tenant t7 --rate 200 --batch 10 --duration 15
 scenario filter-heavy-1k    false "${HS[@]}" --connections 1000  --subs-per-conn 5 --rate 200 --batch 10 --duration 15
+# The same fan-outs over NATS JetStream (one gateway node; nats-server on the same two cores).
+BUS=nats scenario fanout-1k-nats  false "${HS[@]}" --connections 1000  --rate 200 --batch 10 --duration 15
+BUS=nats scenario fanout-10k-nats false "${HS[@]}" --connections 10000 --rate 50  --batch 5  --duration 15
 
 python3 scripts/bench_report.py "$RESULTS" docs/BENCHMARKS.md
 echo "wrote docs/BENCHMARKS.md from $RESULTS" >&2

@@ -86,6 +86,20 @@ def main(results, doc):
             fmt(median(rows, "server_kib_per_idle_connection"), 1),
             fmt(peak / 1024 if peak else None, 0), fmt(median(rows, "lagged_messages")),
         ]) + " |")
+    broker = [(n, rows) for n, rows in groups.items() if median(rows, "broker_cpu_secs") is not None]
+    if broker:
+        out += ["", "NATS JetStream bus: the broker's CPU beside the gateway's (nats-server 2.9, file storage, "
+                "on the same cores):", "",
+                "| scenario | gateway CPU µs/delivery | gateway CPU µs/event | nats-server CPU µs/event |",
+                "|---|---|---|---|"]
+        for name, rows in broker:
+            ev = median(rows, "events_published")
+            cpu, bcpu = median(rows, "server_cpu_secs"), median(rows, "broker_cpu_secs")
+            out.append("| " + " | ".join([
+                name, fmt(median(rows, "server_cpu_us_per_delivery")),
+                fmt(cpu * 1e6 / ev if cpu is not None and ev else None, 1),
+                fmt(bcpu * 1e6 / ev if bcpu is not None and ev else None, 1),
+            ]) + " |")
     hs = median(groups.get("handshake-tls-es256", []), "server_cpu_us_per_handshake")
     if hs is not None:
         out += ["", f"Server CPU per TLS 1.3 + ES256 handshake: {fmt(hs, 0)} µs (median)."]
@@ -119,5 +133,19 @@ def main(results, doc):
         f.write(text)
 
 
+def add_broker_cpu(results, before, after):
+    """Adds the broker's CPU seconds during a run to that run's line (the last one)."""
+    with open(results) as f:
+        lines = f.read().splitlines()
+    last = json.loads(lines[-1])
+    last["broker_cpu_secs"] = round(float(after) - float(before), 3)
+    lines[-1] = json.dumps(last)
+    with open(results, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "--add-broker-cpu":
+        add_broker_cpu(*sys.argv[2:5])
+    else:
+        main(sys.argv[1], sys.argv[2])
