@@ -4,7 +4,8 @@
 //! - An event published through node A reaches subscribers on A and B, as the same frame.
 //! - A client dropped from A resumes on B with every missed event exactly once, in order, while a
 //!   seeded publisher keeps publishing through both nodes.
-//! - Node B restarted mid-stream: its clients resume on the new B and lose nothing.
+//! - Node B restarted mid-stream: its clients resume on the new B and lose nothing; the same with
+//!   each gateway its own process of the binary and B killed with SIGKILL.
 //! - NATS outage: `/ready` fails, publishes get 503 `broker_unavailable`, live sessions stay; when
 //!   NATS is back, delivery resumes with no gap.
 //! - The stream is a trust boundary: a message injected with one tenant's subject and another
@@ -15,7 +16,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::nats::{wait_ready, NatsServer};
+use common::nats::{wait_ready, GatewayProcess, NatsServer};
 use common::{token, Client, TestServer, WAIT};
 use futures_util::StreamExt;
 use rand::rngs::StdRng;
@@ -380,4 +381,38 @@ async fn positions_the_stream_cannot_serve_get_resume_unavailable_and_continue_l
         assert_eq!(c.recv().await["message_id"].as_str(), Some(live[0].as_str()));
     }
     a.shutdown().await;
+}
+
+/// The same as above with every gateway its own process, and node B killed (SIGKILL: a crash,
+/// no goodbye to its clients) while events keep coming through node A.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_processes_share_the_stream_and_a_killed_one_loses_nothing_for_clients_that_resume() {
+    let nats = NatsServer::start();
+    let config = nats.gateway_config();
+    let a = GatewayProcess::spawn(&config);
+    let mut b = GatewayProcess::spawn(&config);
+    wait_ready(&a.server, 200).await;
+    wait_ready(&b.server, 200).await;
+    let t = token("acme", "on-b", &[], 300);
+    let mut on_a = Client::connect(&a.server, &t).await;
+    let mut on_b = Client::connect(&b.server, &t).await;
+    on_a.subscribe("s", json!({"event_types": WANTED})).await;
+    on_b.subscribe("s", json!({"event_types": WANTED})).await;
+    let via_a = Arc::new(TestServer::at(a.server.addr, Some(&config.tls.cert.with_file_name("ca.crt"))));
+    let publishing = publisher(vec![via_a], 5, 60, 40);
+    let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+    read_events(&mut on_b, &mut got_b, 15).await;
+    b.stop("-KILL");
+    events_until_closed(&mut on_b, &mut got_b).await;
+    let b = GatewayProcess::spawn(&config);
+    wait_ready(&b.server, 200).await;
+    let mut on_b = Client::connect(&b.server, &t).await;
+    on_b.send(resume("s", got_b.last().expect("read before the kill"))).await;
+    assert_eq!(on_b.recv().await["type"], "subscribed");
+    let expected = publishing.await.expect("publisher");
+    read_events(&mut on_b, &mut got_b, expected.len()).await;
+    assert_eq!(got_b, expected, "the client of the killed node: every event once, in order");
+    read_events(&mut on_a, &mut got_a, expected.len()).await;
+    assert_eq!(got_a, expected, "the client of the other node saw the same stream");
+    on_b.expect_silence(Duration::from_millis(100)).await;
 }

@@ -54,17 +54,9 @@ impl NatsServer {
 
     /// Stops the server (SIGTERM by PID, SIGKILL if it lingers); its store stays.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
-        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if let Some(child) = self.child.take() {
+            stop_child(child, "-TERM", Duration::from_secs(5));
         }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 
     /// Starts it again on the same port with the same store.
@@ -92,6 +84,20 @@ impl Drop for NatsServer {
             let _ = child.wait();
         }
     }
+}
+
+/// Sends `signal` to a child by its PID and waits up to `within` for it to end, then kills it.
+fn stop_child(mut child: Child, signal: &str, within: Duration) {
+    let _ = Command::new("kill").args([signal, &child.id().to_string()]).status();
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// Waits until `/ready` answers `want` (200 or 503).
@@ -163,5 +169,53 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.cut();
         self.accept.abort();
+    }
+}
+
+/// A gateway node as its own process (the release or debug binary of this build), configured by
+/// a TOML file written from `config`; stopped by its PID.
+pub struct GatewayProcess {
+    pub server: super::TestServer,
+    child: Option<Child>,
+}
+
+impl GatewayProcess {
+    pub fn spawn(config: &Config) -> GatewayProcess {
+        use std::io::BufRead;
+        let dir = super::fresh_dir();
+        let path = dir.join("gateway.toml");
+        std::fs::write(&path, toml::to_string(config).expect("config as TOML")).expect("write config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_incident-stream"))
+            .args(["--config", path.to_str().expect("utf8"), "serve"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn the gateway binary");
+        let stdout = child.stdout.take().expect("stdout");
+        let first = std::io::BufReader::new(stdout).lines().next().expect("a line").expect("utf8");
+        let addr: std::net::SocketAddr = first
+            .rsplit("://")
+            .next()
+            .and_then(|a| a.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no address in {first:?}"));
+        let ca = config.tls.enabled.then(|| config.tls.cert.with_file_name("ca.crt"));
+        GatewayProcess { server: super::TestServer::at(addr, ca.as_deref()), child: Some(child) }
+    }
+
+    /// Sends `signal` (e.g. "-KILL") to the process by its PID and waits for it to end.
+    pub fn stop(&mut self, signal: &str) {
+        if let Some(child) = self.child.take() {
+            stop_child(child, signal, super::WAIT);
+        }
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
