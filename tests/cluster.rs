@@ -33,17 +33,6 @@ async fn node(nats: &NatsServer) -> TestServer {
     s
 }
 
-/// Reads events until `want` arrived or the wait ends; any other message fails the test.
-async fn read_events(c: &mut Client, got: &mut Vec<String>, want: usize) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while got.len() < want {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let Some(m) = c.recv_within(left).await else { break };
-        assert_eq!(m["type"], "event", "{m}");
-        got.push(m["message_id"].as_str().expect("id").to_owned());
-    }
-}
-
 /// Reads what arrives until the server closes the connection (a node shutting down).
 async fn events_until_closed(c: &mut Client, got: &mut Vec<String>) {
     loop {
@@ -151,7 +140,7 @@ async fn a_client_dropped_from_one_node_resumes_on_the_other_with_nothing_missed
         let drop_after = rng.random_range(1..120);
         let publishing = publisher(vec![Arc::clone(&a), Arc::clone(&b)], seed, 40, 60);
         let mut got = Vec::new();
-        read_events(&mut c, &mut got, drop_after).await;
+        c.read_events(&mut got, drop_after).await;
         drop(c);
         // Events keep being published while the client is away.
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..100))).await;
@@ -161,7 +150,7 @@ async fn a_client_dropped_from_one_node_resumes_on_the_other_with_nothing_missed
         let r = c.recv().await;
         assert_eq!(r["type"], "subscribed", "seed {seed}: {r}");
         let expected = publishing.await.expect("publisher");
-        read_events(&mut c, &mut got, expected.len()).await;
+        c.read_events(&mut got, expected.len()).await;
         assert_eq!(got, expected, "seed {seed}: every event once, in order, across the nodes");
         c.expect_silence(Duration::from_millis(150)).await;
     }
@@ -185,7 +174,7 @@ async fn a_node_restarted_mid_stream_loses_nothing_for_clients_that_resume() {
     let publishing = publisher(vec![Arc::clone(&a)], 77, 60, 40);
     let mut got: Vec<Vec<String>> = vec![Vec::new(); clients.len()];
     for (c, g) in clients.iter_mut().zip(&mut got) {
-        read_events(c, g, 20).await;
+        c.read_events(g, 20).await;
     }
     // B goes away while A keeps taking publishes; its clients read what was sent before the close.
     b.shutdown().await;
@@ -204,7 +193,7 @@ async fn a_node_restarted_mid_stream_loses_nothing_for_clients_that_resume() {
     }
     let expected = publishing.await.expect("publisher");
     for (i, (c, g)) in resumed.iter_mut().zip(&mut got).enumerate() {
-        read_events(c, g, expected.len()).await;
+        c.read_events(g, expected.len()).await;
         assert_eq!(*g, expected, "client {i}: every event once, in order, over the restart");
         c.expect_silence(Duration::from_millis(100)).await;
     }
@@ -220,7 +209,7 @@ async fn a_nats_outage_fails_ready_and_publishes_keeps_sessions_and_resumes_with
     c.subscribe("all", json!({})).await;
     let mut published = a.publish("acme", &json!([{"event_type": "escalated"}, {"event_type": "comment_added"}])).await;
     let mut got = Vec::new();
-    read_events(&mut c, &mut got, 2).await;
+    c.read_events(&mut got, 2).await;
     assert_eq!(a.metrics().await.get("bus_connected"), 1.0);
 
     nats.stop();
@@ -245,7 +234,7 @@ async fn a_nats_outage_fails_ready_and_publishes_keeps_sessions_and_resumes_with
         published
             .extend(a.publish("acme", &json!([{"event_type": "incident_created"}, {"event_type": "escalated"}])).await);
     }
-    read_events(&mut c, &mut got, published.len()).await;
+    c.read_events(&mut got, published.len()).await;
     assert_eq!(got, published, "delivery resumed where it stopped");
     let seqs: Vec<u64> =
         got.iter().map(|id| id.split_once('-').and_then(|(_, s)| s.parse().ok()).expect("id")).collect();
@@ -297,7 +286,7 @@ async fn a_node_cut_off_from_nats_delivers_what_others_published_meanwhile_once_
     let three: Vec<Value> = (0..3).map(|_| json!({"event_type": "escalated"})).collect();
     let mut published = b.publish("acme", &Value::Array(three.clone())).await;
     let mut got = Vec::new();
-    read_events(&mut c, &mut got, 3).await;
+    c.read_events(&mut got, 3).await;
 
     proxy.cut();
     wait_ready(&a, 503).await;
@@ -318,7 +307,7 @@ async fn a_node_cut_off_from_nats_delivers_what_others_published_meanwhile_once_
     proxy.restore();
     wait_ready(&a, 200).await;
     published.extend(b.publish("acme", &Value::Array(three)).await);
-    read_events(&mut c, &mut got, published.len()).await;
+    c.read_events(&mut got, published.len()).await;
     assert_eq!(got, published, "the node resumed from the last event it delivered: no gap, no repeat");
     c.expect_silence(Duration::from_millis(100)).await;
     a.shutdown().await;
@@ -372,7 +361,7 @@ async fn positions_the_stream_cannot_serve_get_resume_unavailable_and_continue_l
     c.send(json!({"type": "subscribe", "subscription_id": "ok", "filters": {}, "resume_from": ids[3]})).await;
     assert_eq!(c.recv().await["type"], "subscribed");
     let mut got = Vec::new();
-    read_events(&mut c, &mut got, 4).await;
+    c.read_events(&mut got, 4).await;
     assert_eq!(got, ids[4..].to_vec());
     clients.push(c);
     // Every one of them continues live.
@@ -401,7 +390,7 @@ async fn gateway_processes_share_the_stream_and_a_killed_one_loses_nothing_for_c
     let via_a = Arc::new(TestServer::at(a.server.addr, Some(&config.tls.cert.with_file_name("ca.crt"))));
     let publishing = publisher(vec![via_a], 5, 60, 40);
     let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
-    read_events(&mut on_b, &mut got_b, 15).await;
+    on_b.read_events(&mut got_b, 15).await;
     b.stop("-KILL");
     events_until_closed(&mut on_b, &mut got_b).await;
     let b = GatewayProcess::spawn(&config);
@@ -410,9 +399,9 @@ async fn gateway_processes_share_the_stream_and_a_killed_one_loses_nothing_for_c
     on_b.send(resume("s", got_b.last().expect("read before the kill"))).await;
     assert_eq!(on_b.recv().await["type"], "subscribed");
     let expected = publishing.await.expect("publisher");
-    read_events(&mut on_b, &mut got_b, expected.len()).await;
+    on_b.read_events(&mut got_b, expected.len()).await;
     assert_eq!(got_b, expected, "the client of the killed node: every event once, in order");
-    read_events(&mut on_a, &mut got_a, expected.len()).await;
+    on_a.read_events(&mut got_a, expected.len()).await;
     assert_eq!(got_a, expected, "the client of the other node saw the same stream");
     on_b.expect_silence(Duration::from_millis(100)).await;
 }

@@ -21,18 +21,6 @@ fn seq_of(id: &str) -> u64 {
     id.split_once('-').and_then(|(_, s)| s.parse().ok()).expect("message id")
 }
 
-/// Reads events until `want` of them arrived (or the deadline passes); other messages fail.
-async fn read_events(c: &mut Client, got: &mut Vec<String>, want: usize) {
-    // Plain `ws` client reads are fast enough; bounded by WAIT overall.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while got.len() < want {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let Some(m) = c.recv_within(left).await else { break };
-        assert_eq!(m["type"], "event", "{m}");
-        got.push(m["message_id"].as_str().expect("id").to_owned());
-    }
-}
-
 #[tokio::test]
 async fn a_dropped_subscriber_resumes_with_every_event_exactly_once_in_order() {
     let server = std::sync::Arc::new(TestServer::start(config()).await);
@@ -87,7 +75,7 @@ async fn a_dropped_subscriber_resumes_with_every_event_exactly_once_in_order() {
             })
         };
         let mut got = Vec::new();
-        read_events(&mut c, &mut got, drop_after).await;
+        c.read_events(&mut got, drop_after).await;
         // Cut the connection without a close handshake, mid-stream.
         drop(c);
         let last = got.last().cloned().expect("some events before the drop");
@@ -96,7 +84,7 @@ async fn a_dropped_subscriber_resumes_with_every_event_exactly_once_in_order() {
         let s = c.recv().await;
         assert_eq!(s["type"], "subscribed", "seed {seed}: {s}");
         let expected = publisher.await.expect("publisher");
-        read_events(&mut c, &mut got, expected.len()).await;
+        c.read_events(&mut got, expected.len()).await;
         c.expect_silence(Duration::from_millis(100)).await;
         assert_eq!(got.len(), expected.len(), "seed {seed}: count");
         assert_eq!(got, expected, "seed {seed}: every matching event once, in order (dropped after {drop_after})");
@@ -121,7 +109,7 @@ async fn a_position_outside_the_window_gets_resume_unavailable_and_continues_liv
     c.send(json!({"type": "subscribe", "subscription_id": "in", "filters": {}, "resume_from": ids[16]})).await;
     assert_eq!(c.recv().await["type"], "subscribed");
     let mut got = Vec::new();
-    read_events(&mut c, &mut got, 3).await;
+    c.read_events(&mut got, 3).await;
     assert_eq!(got, ids[17..].to_vec());
     // Too old: the events after it were evicted.
     let mut old = Client::as_user(&server, "acme", "older").await;
@@ -164,12 +152,12 @@ async fn acks_are_recorded_per_session_with_the_unacked_depth() {
     assert!(before["last_acked_message_id"].is_null() && before["unacked"].is_null(), "{before}");
     let first = server.publish("acme", &json!([{"event_type": "escalated"}, {"event_type": "escalated"}])).await;
     let mut got = Vec::new();
-    read_events(&mut c, &mut got, 2).await;
+    c.read_events(&mut got, 2).await;
     c.send(json!({"type": "ack", "message_id": first[1]})).await;
     c.assert_alive().await;
     let evs: Vec<Value> = (0..5).map(|_| json!({"event_type": "escalated"})).collect();
     let more = server.publish("acme", &Value::Array(evs)).await;
-    read_events(&mut c, &mut got, 7).await;
+    c.read_events(&mut got, 7).await;
     c.send(json!({"type": "ack", "message_id": more[1]})).await;
     c.assert_alive().await;
     let after = acme_session(&server, &admin).await;
@@ -221,7 +209,7 @@ async fn a_resume_during_a_burst_writes_each_event_once() {
     for round in 0..6 {
         let before = server.publish("acme", &json!({"event_type": "escalated"})).await;
         expected.extend(before);
-        read_events(&mut c, &mut got, expected.len()).await;
+        c.read_events(&mut got, expected.len()).await;
         drop(c);
         let last = got.last().cloned().expect("an event");
         let burst = Value::Array((0..1000).map(|_| json!({"event_type": "escalated"})).collect());
@@ -233,7 +221,7 @@ async fn a_resume_during_a_burst_writes_each_event_once() {
         assert_eq!(resumed.recv().await["type"], "subscribed", "round {round}");
         c = resumed;
         expected.extend(ids);
-        read_events(&mut c, &mut got, expected.len()).await;
+        c.read_events(&mut got, expected.len()).await;
         c.expect_silence(Duration::from_millis(100)).await;
         assert_eq!(got.len(), expected.len(), "round {round}: count");
         assert_eq!(got, expected, "round {round}: once each, in order");

@@ -402,6 +402,18 @@ impl Client {
         }
     }
 
+    /// Reads events into `got` (their ids) until it holds `want` or the wait ends; any other
+    /// message fails the test.
+    pub async fn read_events(&mut self, got: &mut Vec<String>, want: usize) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while got.len() < want {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let Some(m) = self.recv_within(left).await else { break };
+            assert_eq!(m["type"], "event", "{m}");
+            got.push(m["message_id"].as_str().expect("id").to_owned());
+        }
+    }
+
     /// Ping/pong round trip: proves the connection is alive and in order.
     pub async fn assert_alive(&mut self) {
         self.send(json!({"type": "ping", "timestamp": "alive-check"})).await;

@@ -193,7 +193,10 @@ impl GatewayProcess {
             .spawn()
             .expect("spawn the gateway binary");
         let stdout = child.stdout.take().expect("stdout");
-        let first = std::io::BufReader::new(stdout).lines().next().expect("a line").expect("utf8");
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let first = lines.next().expect("a line").expect("utf8");
+        // The rest is drained, never closed: a closed pipe would make the gateway's next print fail.
+        std::thread::spawn(move || lines.for_each(drop));
         let addr: std::net::SocketAddr = first
             .rsplit("://")
             .next()
