@@ -339,11 +339,15 @@ pub struct PublishConfig {
     pub max_batch: usize,
     /// Largest body accepted; larger gets 413.
     pub max_body_bytes: usize,
+    /// How long a publish's `Idempotency-Key` is remembered: a retry within it is answered with
+    /// the first attempt's ids and not published again (on NATS: the duplicate window of a
+    /// stream this service creates).
+    pub idempotency_window_secs: u64,
 }
 
 impl Default for PublishConfig {
     fn default() -> Self {
-        PublishConfig { max_batch: 1000, max_body_bytes: 1 << 20 }
+        PublishConfig { max_batch: 1000, max_body_bytes: 1 << 20, idempotency_window_secs: 120 }
     }
 }
 
@@ -626,6 +630,7 @@ impl Config {
         at_least("audit.queue_capacity", self.audit.queue_capacity as u64, 16)?;
         at_least("audit.max_pending_records", self.audit.max_pending_records as u64, 16)?;
         at_least("publish.max_body_bytes", self.publish.max_body_bytes as u64, 256)?;
+        at_least("publish.idempotency_window_secs", self.publish.idempotency_window_secs, 1)?;
         if self.publish.max_batch > w.broadcast_capacity {
             return Err(ConfigError::Invalid {
                 key: "publish.max_batch",

@@ -248,14 +248,16 @@ impl Server {
         };
         let (bus, bus_rx) = match config.bus.kind {
             BusKind::Local => {
-                let (bus, rx) = LocalBus::with_window(ws.broadcast_capacity, window);
+                let (mut bus, rx) = LocalBus::with_window(ws.broadcast_capacity, window);
+                bus.set_idempotency_window(Duration::from_secs(config.publish.idempotency_window_secs));
                 metrics.bus_connected.set(1);
-                (Bus::Local(bus), rx)
+                (Bus::Local(Box::new(bus)), rx)
             }
             BusKind::Nats => {
                 let (bus, rx) = NatsBus::new(
                     config.bus.nats.clone(),
                     config.bus.replay_window,
+                    Duration::from_secs(config.publish.idempotency_window_secs),
                     ws.broadcast_capacity,
                     Arc::clone(&metrics),
                 );

@@ -405,3 +405,12 @@ async fn gateway_processes_share_the_stream_and_a_killed_one_loses_nothing_for_c
     assert_eq!(got_a, expected, "the client of the other node saw the same stream");
     on_b.expect_silence(Duration::from_millis(100)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_with_the_same_idempotency_key_on_another_node_is_stored_once() {
+    let nats = NatsServer::start();
+    let (a, b) = (node(&nats).await, node(&nats).await);
+    common::check_idempotent_publishes(&a, &b).await;
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -161,3 +161,10 @@ async fn health_ready_and_metrics_are_open() {
     assert!(r.body.contains("websocket_active_connections 0"));
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_with_the_same_idempotency_key_is_not_published_again() {
+    let server = TestServer::default().await;
+    common::check_idempotent_publishes(&server, &server).await;
+    server.shutdown().await;
+}

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use super::idempotency::{IdempotencyKey, Remembered};
 use super::{BusError, Published, Replayed, ResumeError, WindowLimits};
 use crate::event::{Event, MessageId, TenantId};
 use crate::filter::SubscriptionFilter;
@@ -59,7 +60,12 @@ struct Sequencer {
     epoch: u64,
     next_seq: u64,
     windows: HashMap<TenantId, Window>,
+    /// Answers of keyed publishes, checked and filled under the lock that assigns ids.
+    remembered: Remembered,
 }
+
+/// Keyed publishes remembered at most (the oldest go first beyond).
+const MAX_REMEMBERED: usize = 100_000;
 
 /// The in-process bus.
 pub struct LocalBus {
@@ -84,7 +90,8 @@ impl LocalBus {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(1);
-        let seq = Sequencer { epoch, next_seq: 1, windows: HashMap::new() };
+        let remembered = Remembered::new(Duration::from_secs(120), MAX_REMEMBERED);
+        let seq = Sequencer { epoch, next_seq: 1, windows: HashMap::new(), remembered };
         (LocalBus { seq: Mutex::new(seq), tx, capacity, window }, rx)
     }
 
@@ -144,8 +151,20 @@ impl LocalBus {
         !self.tx.is_closed()
     }
 
+    /// How long the answers of keyed publishes are kept (default 120 s).
+    pub fn set_idempotency_window(&mut self, ttl: Duration) {
+        let seq = self.seq.get_mut().unwrap_or_else(|p| p.into_inner());
+        seq.remembered = Remembered::new(ttl, MAX_REMEMBERED);
+    }
+
     /// Publishes a batch atomically, in order; returns the ids.
     pub fn publish(&self, events: Vec<Event>) -> Result<Vec<MessageId>, BusError> {
+        self.publish_keyed(events, None)
+    }
+
+    /// The same; with a key seen within the idempotency window, publishes nothing and answers
+    /// the ids of the first publish under it.
+    pub fn publish_keyed(&self, events: Vec<Event>, key: Option<&IdempotencyKey>) -> Result<Vec<MessageId>, BusError> {
         let timestamp = crate::time::rfc3339_now();
         // Serialize every body before taking the lock: the frame only needs the id prepended.
         let bodies: Vec<(Event, String)> = events
@@ -156,13 +175,16 @@ impl LocalBus {
             })
             .collect();
         let mut seq = self.seq.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if let Some(ids) = key.and_then(|k| seq.remembered.get(k, now)) {
+            return Ok(ids);
+        }
         if self.tx.is_closed() {
             return Err(BusError::Closed);
         }
         if self.tx.capacity() < bodies.len() {
             return Err(BusError::Overloaded { capacity: self.capacity });
         }
-        let now = Instant::now();
         let ready: Vec<Arc<Published>> = bodies
             .into_iter()
             .map(|(event, json)| {
@@ -183,7 +205,10 @@ impl LocalBus {
                 window.trim(&self.window, now);
             }
         }
-        let ids = ready.iter().map(|p| p.id).collect();
+        let ids: Vec<MessageId> = ready.iter().map(|p| p.id).collect();
+        if let Some(k) = key {
+            seq.remembered.put(k.clone(), ids.clone(), now);
+        }
         for published in ready {
             self.tx.try_send(published).map_err(|_| BusError::Closed)?;
         }

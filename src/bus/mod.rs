@@ -20,9 +20,11 @@ use bytes::Bytes;
 use crate::event::{Event, MessageId, Priority, Routing, TenantId};
 use crate::filter::SubscriptionFilter;
 
+pub mod idempotency;
 pub mod local;
 pub mod nats;
 
+pub use idempotency::IdempotencyKey;
 pub use local::LocalBus;
 pub use nats::NatsBus;
 
@@ -138,8 +140,8 @@ pub struct WindowLimits {
 
 /// The backend in use.
 pub enum Bus {
-    /// In-process.
-    Local(LocalBus),
+    /// In-process (boxed: its id lock and windows are larger than the NATS handle).
+    Local(Box<LocalBus>),
     /// NATS JetStream.
     Nats(Arc<NatsBus>),
 }
@@ -147,11 +149,12 @@ pub enum Bus {
 impl Bus {
     /// Publishes a batch in order; the ids, or why it was refused. A local batch is atomic; a
     /// JetStream batch is acknowledged event by event, so [`BusError::Unavailable`] says which
-    /// were stored.
-    pub async fn publish(&self, events: Vec<Event>) -> Result<Vec<MessageId>, BusError> {
+    /// were stored. With a key, a batch published under the same key within the idempotency
+    /// window is not published again: its ids are answered.
+    pub async fn publish(&self, events: Vec<Event>, key: Option<&IdempotencyKey>) -> Result<Vec<MessageId>, BusError> {
         match self {
-            Bus::Local(b) => b.publish(events),
-            Bus::Nats(b) => b.publish(events).await,
+            Bus::Local(b) => b.publish_keyed(events, key),
+            Bus::Nats(b) => b.publish(events, key).await,
         }
     }
 

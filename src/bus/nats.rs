@@ -31,7 +31,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use super::{BusError, Published, Replayed, ResumeError};
+use super::{BusError, IdempotencyKey, Published, Replayed, ResumeError};
 use crate::config::{NatsConfig, NatsStorage};
 use crate::event::{Event, MessageId, Routing, TenantId, TenantScope};
 use crate::filter::SubscriptionFilter;
@@ -117,6 +117,8 @@ pub struct NatsBus {
     config: NatsConfig,
     /// The most events one replay sends (`bus.replay_window`; 0: replay off).
     replay_limit: usize,
+    /// The stream's duplicate window (for keyed publishes), when this node creates the stream.
+    idempotency_window: Duration,
     tx: mpsc::Sender<Arc<Published>>,
     conn: ArcSwapOption<Conn>,
     consuming: AtomicBool,
@@ -161,6 +163,7 @@ impl NatsBus {
     pub fn new(
         config: NatsConfig,
         replay_limit: usize,
+        idempotency_window: Duration,
         capacity: usize,
         metrics: Arc<Metrics>,
     ) -> (Arc<NatsBus>, mpsc::Receiver<Arc<Published>>) {
@@ -169,6 +172,7 @@ impl NatsBus {
         let bus = NatsBus {
             config,
             replay_limit,
+            idempotency_window,
             tx,
             conn: ArcSwapOption::empty(),
             consuming: AtomicBool::new(false),
@@ -246,6 +250,7 @@ impl NatsBus {
             },
             num_replicas: c.replicas,
             discard: stream::DiscardPolicy::Old,
+            duplicate_window: self.idempotency_window,
             retention: stream::RetentionPolicy::Limits,
             description: Some("incident-stream events: <prefix>.<tenant>.<event_type>".to_owned()),
             ..Default::default()
@@ -441,8 +446,10 @@ impl NatsBus {
         BusError::Unavailable { reason: reason.into(), stored: vec![None; n] }
     }
 
-    /// Publishes a batch in order and waits for the stream to acknowledge every event.
-    pub async fn publish(&self, events: Vec<Event>) -> Result<Vec<MessageId>, BusError> {
+    /// Publishes a batch in order and waits for the stream to acknowledge every event. With a
+    /// key, each event carries `Nats-Msg-Id` `<tenant>:<key>:<index>`: the stream stores a retry
+    /// once and acknowledges it with the first copy's sequence.
+    pub async fn publish(&self, events: Vec<Event>, key: Option<&IdempotencyKey>) -> Result<Vec<MessageId>, BusError> {
         let n = events.len();
         if self.tx.is_closed() {
             return Err(BusError::Closed);
@@ -454,7 +461,7 @@ impl NatsBus {
         let mut stored: Vec<Option<MessageId>> = vec![None; n];
         let mut failure: Option<String> = None;
         let mut acks = Vec::with_capacity(n);
-        for e in &events {
+        for (i, e) in events.iter().enumerate() {
             let subject = subject_for(&self.config.subject_prefix, &e.routing);
             let payload = match serde_json::to_vec(&e.body) {
                 Ok(p) => p,
@@ -463,7 +470,11 @@ impl NatsBus {
                     break;
                 }
             };
-            match conn.js.publish(subject, payload.into()).await {
+            let mut message = jetstream::message::PublishMessage::build().payload(payload.into());
+            if let Some(k) = key {
+                message = message.message_id(k.message_id(i));
+            }
+            match conn.js.send_publish(subject, message).await {
                 Ok(ack) => acks.push(ack),
                 Err(err) => {
                     failure = Some(err.to_string());

@@ -15,7 +15,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::AppState;
 use crate::auth::{Principal, Roles};
-use crate::bus::BusError;
+use crate::bus::{BusError, IdempotencyKey};
 use crate::event::{Event, ParseEventError, TenantScope};
 
 pub(crate) async fn publish(
@@ -58,6 +58,14 @@ async fn accept(state: &AppState, principal: &Principal, req: Request<Body>) -> 
             ));
         }
     }
+    let key = match req.headers().get("idempotency-key") {
+        None => None,
+        Some(v) => {
+            let bad = |e: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_idempotency_key", e);
+            let v = v.to_str().map_err(|_| bad(crate::bus::idempotency::InvalidKey.to_string()))?;
+            Some(IdempotencyKey::new(&principal.tenant, v).map_err(|e| bad(e.to_string()))?)
+        }
+    };
     let limit = state.publish.max_body_bytes;
     let bytes = axum::body::to_bytes(req.into_body(), limit).await.map_err(|e| {
         if e.into_inner().is::<http_body_util::LengthLimitError>() {
@@ -133,7 +141,7 @@ async fn accept(state: &AppState, principal: &Principal, req: Request<Body>) -> 
             }
         }
     }
-    let ids = state.bus.publish(events).await.map_err(|e| match e {
+    let ids = state.bus.publish(events, key.as_ref()).await.map_err(|e| match e {
         BusError::Overloaded { .. } => ApiError {
             retry_after: Some(1),
             ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", e.to_string())

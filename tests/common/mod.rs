@@ -563,3 +563,39 @@ pub async fn wait_reloads(server: &TestServer, result: &str, n: f64) {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+async fn post(server: &TestServer, tenant: &str, key: &str, body: Value) -> (u16, Value) {
+    let auth = format!("Bearer {}", token(tenant, "idem-publisher", &["publisher"], 300));
+    let r = server.http("POST", "/v1/events", &[("authorization", &auth), ("idempotency-key", key)], Some(&body)).await;
+    (r.status, r.json())
+}
+
+/// Keyed publishes, whichever bus: a retry with the same `Idempotency-Key` (through `retry`,
+/// which may be another node) answers the first attempt's ids and publishes nothing; the same
+/// key of another tenant, or another key, publishes; a malformed key is refused with 400.
+pub async fn check_idempotent_publishes(first: &TestServer, retry: &TestServer) {
+    let mut watcher = Client::as_user(retry, "acme", "idem-watcher").await;
+    watcher.subscribe("all", json!({})).await;
+    let batch = json!([{"event_type": "escalated"}, {"event_type": "comment_added"}]);
+    let (status, a) = post(first, "acme", "order-42", batch.clone()).await;
+    assert_eq!(status, 202, "{a}");
+    let (status, again) = post(retry, "acme", "order-42", batch.clone()).await;
+    assert_eq!((status, &again), (202, &a), "a retry gets the first attempt's answer");
+    let (status, globex) = post(retry, "globex", "order-42", batch.clone()).await;
+    assert_eq!(status, 202);
+    assert_ne!(globex, a, "keys are per tenant");
+    let (status, other) = post(retry, "acme", "order-43", json!({"event_type": "escalated"})).await;
+    assert_eq!(status, 202);
+    let mut got = Vec::new();
+    watcher.read_events(&mut got, 3).await;
+    let mut expected: Vec<String> =
+        a["message_ids"].as_array().expect("ids").iter().map(|v| v.as_str().expect("id").to_owned()).collect();
+    expected.push(other["message_ids"][0].as_str().expect("id").to_owned());
+    assert_eq!(got, expected, "the retried batch was delivered once");
+    watcher.expect_silence(Duration::from_millis(200)).await;
+    for bad in ["has space", &"k".repeat(129)] {
+        let (status, r) = post(first, "acme", bad, json!({"event_type": "escalated"})).await;
+        assert_eq!((status, r["code"].as_str()), (400, Some("invalid_idempotency_key")), "{bad:?}: {r}");
+    }
+    watcher.expect_silence(Duration::from_millis(100)).await;
+}
