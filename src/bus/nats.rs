@@ -250,7 +250,11 @@ impl NatsBus {
             },
             num_replicas: c.replicas,
             discard: stream::DiscardPolicy::Old,
-            duplicate_window: self.idempotency_window,
+            // JetStream refuses a duplicate window longer than the stream keeps events.
+            duplicate_window: match c.max_age_secs {
+                0 => self.idempotency_window,
+                age => self.idempotency_window.min(Duration::from_secs(age)),
+            },
             retention: stream::RetentionPolicy::Limits,
             description: Some("incident-stream events: <prefix>.<tenant>.<event_type>".to_owned()),
             ..Default::default()
