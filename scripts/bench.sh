@@ -8,7 +8,8 @@
 #                                    # lines in results.jsonl are replaced, the others kept)
 #   RUNS=1 scripts/bench.sh guard    # quick look
 #   PROFILE=1 RUNS=1 scripts/bench.sh fanout-10k   # also a perf profile of the server per scenario:
-#                                    # target/bench/profile-NAME.txt (symbols), profile-NAME.md (grouped)
+#                                    # target/bench/profile-NAME.txt (symbols), profile-NAME.md (grouped);
+#                                    # PROFILE_DELAY=8 leaves out the first 8 s (connection phase)
 #
 # Only loopback addresses are used; every process started here is stopped by its PID.
 set -euo pipefail
@@ -162,7 +163,9 @@ scenario() {
     echo "== $name (run $run/$RUNS)" >&2
     local perf_pid=""
     if [ -n "${PROFILE:-}" ]; then
-      perf record -F 999 -p "$SERVER_PID" -o "$OUT/$name.perf.data" 2>/dev/null &
+      # PROFILE_DELAY=S skips the first S seconds (the connection phase), so the profile shows
+      # the steady fan-out only.
+      (sleep "${PROFILE_DELAY:-0}"; exec perf record -F 999 -p "$SERVER_PID" -o "$OUT/$name.perf.data" 2>/dev/null) &
       perf_pid=$!
     fi
     $LOADGEN --addr "$ADDR" "${tlsargs[@]}" --server-pid "$SERVER_PID" --name "$name" "$@" 2>/dev/null >> "$RESULTS"

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -43,6 +43,11 @@ pub(crate) struct Conn {
     subscriptions: AtomicUsize,
     /// Set by the cleanup sweep when the session looks idle; the session decides.
     idle_nudge: AtomicBool,
+    /// What the hub's clock raised for the session ([`Timers`] bits), taken when it wakes.
+    timers: AtomicU8,
+    /// Hub milliseconds at which the next heartbeat is due, and at which the token expires.
+    next_ping_ms: AtomicU64,
+    expires_ms: AtomicU64,
     /// The last acknowledged message id (`epoch`, `seq`; epoch 0: none yet), for the admin view.
     acked: (AtomicU64, AtomicU64),
     /// Events delivered after the last ack (`u64::MAX`: the client never acked).
@@ -78,7 +83,36 @@ impl Conn {
     pub(crate) fn take_idle_nudge(&self) -> bool {
         self.idle_nudge.swap(false, Ordering::Relaxed)
     }
+
+    /// Takes what the hub's clock raised since the last look.
+    pub(crate) fn take_timers(&self) -> Timers {
+        Timers(self.timers.swap(0, Ordering::AcqRel))
+    }
 }
+
+/// Timer events the hub's clock raises for a session: sessions hold no timer of their own, so an
+/// idle connection costs no timer entry and no timer poll on every wake-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Timers(u8);
+
+impl Timers {
+    const HEARTBEAT: u8 = 1;
+    const EXPIRED: u8 = 2;
+
+    /// A heartbeat interval has passed: ping, or close if the last ping went unanswered.
+    pub(crate) fn heartbeat(self) -> bool {
+        self.0 & Self::HEARTBEAT != 0
+    }
+
+    /// The token (plus leeway) has expired.
+    pub(crate) fn expired(self) -> bool {
+        self.0 & Self::EXPIRED != 0
+    }
+}
+
+/// How often the hub's clock looks at every session's heartbeat and token deadlines: the
+/// precision of both (a token expiry closes at most this much late).
+pub(crate) const CLOCK_TICK: Duration = Duration::from_millis(250);
 
 struct Entry {
     conn: Arc<Conn>,
@@ -123,6 +157,8 @@ pub(crate) struct Hub {
     shutting_down: AtomicBool,
     /// Live and admitted-but-not-yet-started connections per tenant and subject (the caps).
     counts: Mutex<HashMap<TenantId, TenantCount>>,
+    /// Every session's heartbeat interval.
+    heartbeat_ms: u64,
 }
 
 #[derive(Default)]
@@ -183,8 +219,9 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 impl Hub {
-    /// A hub whose connections queue at most `max_pending` events each.
-    pub(crate) fn new(metrics: Arc<Metrics>, max_pending: usize) -> Hub {
+    /// A hub whose connections queue at most `max_pending` events each and are pinged every
+    /// `heartbeat`.
+    pub(crate) fn new(metrics: Arc<Metrics>, max_pending: usize, heartbeat: Duration) -> Hub {
         Hub {
             tenants: RwLock::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
@@ -194,6 +231,7 @@ impl Hub {
             max_pending,
             shutting_down: AtomicBool::new(false),
             counts: Mutex::new(HashMap::new()),
+            heartbeat_ms: (heartbeat.as_millis() as u64).max(1),
         }
     }
 
@@ -316,6 +354,9 @@ impl Hub {
             last_message_ms: AtomicU64::new(self.elapsed_ms()),
             subscriptions: AtomicUsize::new(0),
             idle_nudge: AtomicBool::new(false),
+            timers: AtomicU8::new(0),
+            next_ping_ms: AtomicU64::new(self.elapsed_ms() + self.heartbeat_ms),
+            expires_ms: AtomicU64::new(u64::MAX),
             acked: (AtomicU64::new(0), AtomicU64::new(0)),
             unacked: AtomicU64::new(u64::MAX),
         });
@@ -393,6 +434,37 @@ impl Hub {
         self.sessions().len()
     }
 
+    /// Sets when the hub's clock raises [`Timers::expired`] for this session (a refresh moves it).
+    pub(crate) fn set_expiry(&self, conn: &Conn, left: Duration) {
+        let at = self.elapsed_ms().saturating_add(u64::try_from(left.as_millis()).unwrap_or(u64::MAX));
+        conn.expires_ms.store(at, Ordering::Relaxed);
+    }
+
+    /// One tick of the hub's clock: raises the heartbeat and the token expiry of every session
+    /// whose time has come and wakes it. A few atomic loads per session and tick; the session
+    /// does the work. Returns how many were woken.
+    pub(crate) fn tick_clock(&self) -> usize {
+        let now = self.elapsed_ms();
+        let sessions = self.sessions();
+        let mut n = 0;
+        for c in sessions.values() {
+            let mut raised = 0;
+            if now >= c.next_ping_ms.load(Ordering::Relaxed) {
+                c.next_ping_ms.store(now + self.heartbeat_ms, Ordering::Relaxed);
+                raised |= Timers::HEARTBEAT;
+            }
+            if now >= c.expires_ms.load(Ordering::Relaxed) {
+                raised |= Timers::EXPIRED;
+            }
+            if raised != 0 {
+                c.timers.fetch_or(raised, Ordering::AcqRel);
+                c.outbox.wake();
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// One sweep of the cleanup task: nudges sessions that hold no subscription and sent no
     /// message for `idle`; each session re-checks its own state before closing (so a subscribe
     /// racing the sweep wins). Returns how many were nudged.
@@ -431,6 +503,16 @@ pub(crate) async fn run_dispatcher(hub: Arc<Hub>, mut rx: mpsc::Receiver<Arc<Pub
     }
 }
 
+/// The hub's clock: heartbeats and token expiries of every session, every [`CLOCK_TICK`].
+pub(crate) async fn run_clock(hub: Arc<Hub>) {
+    let mut tick = tokio::time::interval(CLOCK_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        hub.tick_clock();
+    }
+}
+
 /// The cleanup task: every `interval`, closes idle sessions.
 pub(crate) async fn run_cleanup(hub: Arc<Hub>, interval: Duration, idle: Duration) {
     let mut tick = tokio::time::interval(interval);
@@ -442,5 +524,65 @@ pub(crate) async fn run_cleanup(hub: Arc<Hub>, interval: Duration, idle: Duratio
         if n > 0 {
             tracing::debug!(sessions = n, "cleanup: idle candidates nudged");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub_and_conn(heartbeat: Duration) -> (Arc<Hub>, Arc<Conn>) {
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let hub = Arc::new(Hub::new(metrics, 16, heartbeat));
+        let tenant = TenantId::new("acme").expect("tenant");
+        let reservation = hub.reserve(&tenant, "alice", &Limits::default()).expect("place");
+        let conn = hub.register("s1".into(), reservation, "127.0.0.1:1".parse().expect("addr"));
+        (hub, conn)
+    }
+
+    #[test]
+    fn the_clock_raises_nothing_before_its_time() {
+        let (hub, conn) = hub_and_conn(Duration::from_secs(30));
+        hub.set_expiry(&conn, Duration::from_secs(60));
+        assert_eq!(hub.tick_clock(), 0);
+        let t = conn.take_timers();
+        assert!(!t.heartbeat() && !t.expired());
+    }
+
+    #[test]
+    fn the_clock_raises_an_expired_token_and_keeps_raising_it() {
+        let (hub, conn) = hub_and_conn(Duration::from_secs(30));
+        hub.set_expiry(&conn, Duration::ZERO);
+        assert_eq!(hub.tick_clock(), 1);
+        let t = conn.take_timers();
+        assert!(t.expired() && !t.heartbeat());
+        // Taken means cleared; the next tick raises it again (the session is closing anyway).
+        assert!(!conn.take_timers().expired());
+        assert_eq!(hub.tick_clock(), 1);
+        assert!(conn.take_timers().expired());
+        // A refresh moves the deadline out.
+        hub.set_expiry(&conn, Duration::from_secs(60));
+        assert_eq!(hub.tick_clock(), 0);
+    }
+
+    #[test]
+    fn the_clock_raises_a_heartbeat_once_per_interval() {
+        let (hub, conn) = hub_and_conn(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(hub.tick_clock(), 1);
+        assert!(conn.take_timers().heartbeat());
+        // The next one is an interval later, not on every tick.
+        assert_eq!(hub.tick_clock(), 0);
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(hub.tick_clock(), 1);
+        assert!(conn.take_timers().heartbeat());
+    }
+
+    #[test]
+    fn an_unregistered_session_is_no_longer_ticked() {
+        let (hub, conn) = hub_and_conn(Duration::from_secs(30));
+        hub.set_expiry(&conn, Duration::ZERO);
+        hub.unregister(&conn);
+        assert_eq!(hub.tick_clock(), 0);
     }
 }

@@ -255,7 +255,7 @@ impl Limiters {
         let n = u32::try_from(n).unwrap_or(u32::MAX);
         match t.publish.check_n(nz(n)) {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(not_until)) => Err(Refused::Wait(not_until.wait_time_from(DefaultClock::default().now()))),
+            Ok(Err(not_until)) => Err(Refused::Wait(not_until.wait_time_from(t.publish.clock().now()))),
             Err(governor::InsufficientCapacity(burst)) => Err(Refused::TooLarge { burst }),
         }
     }

@@ -229,7 +229,11 @@ impl Server {
         let policies = Arc::new(PolicyStore::load(&config.policies.dir)?);
         let (audit, audit_writer) = AuditLog::open(&config.audit, Arc::clone(&metrics))?;
         let ws = &config.websocket;
-        let hub = Arc::new(Hub::new(Arc::clone(&metrics), ws.max_pending_messages));
+        let hub = Arc::new(Hub::new(
+            Arc::clone(&metrics),
+            ws.max_pending_messages,
+            Duration::from_secs(ws.heartbeat_interval_secs),
+        ));
         let l = &config.limits;
         let ip_quota = NonZeroU32::new(l.handshakes_per_second_per_ip)
             .map(|rate| governor::Quota::per_second(rate).allow_burst(nz(l.handshake_burst)));
@@ -265,7 +269,7 @@ impl Server {
             }
         };
         let heartbeat = Duration::from_secs(ws.heartbeat_interval_secs);
-        let sessions = Arc::new(SessionSettings {
+        let settings = SessionSettings {
             heartbeat,
             idle_timeout: Duration::from_secs(ws.session_timeout_secs),
             leeway: Duration::from_secs(config.auth.leeway_secs),
@@ -275,10 +279,21 @@ impl Server {
             message_burst: nz(ws.message_burst),
             max_frame_bytes: config.server.max_frame_bytes,
             close_timeout: CLOSE_TIMEOUT,
+            clock: governor::clock::DefaultClock::default(),
+        };
+        let bus = Arc::new(bus);
+        let sessions = Arc::new(crate::session::Services {
+            hub: Arc::clone(&hub),
+            bus: Arc::clone(&bus),
+            auth: Arc::clone(&auth),
+            policies: Arc::clone(&policies),
+            metrics: Arc::clone(&metrics),
+            audit: audit.clone(),
+            settings,
         });
         let state = Arc::new(AppState {
             hub,
-            bus: Arc::new(bus),
+            bus,
             auth,
             policies,
             reloader,
@@ -303,6 +318,7 @@ impl Server {
         let ws = &self.config.websocket;
         let hub = Arc::clone(&self.state.hub);
         let dispatcher = tokio::spawn(fanout::run_dispatcher(Arc::clone(&hub), self.bus_rx));
+        let clock = tokio::spawn(fanout::run_clock(Arc::clone(&hub)));
         let cleanup = tokio::spawn(fanout::run_cleanup(
             hub,
             Duration::from_secs(ws.cleanup_interval_secs),
@@ -327,7 +343,7 @@ impl Server {
                 bus.trim();
             }
         });
-        let mut tasks = vec![dispatcher, cleanup, sweeper];
+        let mut tasks = vec![dispatcher, clock, cleanup, sweeper];
         if let Bus::Nats(nats) = &*self.state.bus {
             tasks.push(tokio::spawn(Arc::clone(nats).run()));
         }

@@ -1,8 +1,9 @@
 //! One connection's lifecycle after the upgrade: `welcome`, client messages, subscriptions,
 //! draining the outbox into the socket, heartbeats, token expiry and every way of closing.
 //!
-//! One task per connection runs a `select!` over the socket, the outbox, the heartbeat and the
-//! token deadline, so a connection costs one task. Every write also races the outbox's close
+//! One task per connection runs a `select!` over the socket and the outbox; heartbeats and the
+//! token deadline arrive as outbox wake-ups raised by the hub's clock ([`crate::fanout::run_clock`]),
+//! so a connection costs one task and no timer. Every write also races the outbox's close
 //! signal, the token deadline and a write timeout, so a client that stopped reading can neither
 //! hold a session past its token nor block its close. Every server-initiated close sends
 //! `closing` and a typed close code, preceded by `lagged` if events were lost. The session never
@@ -34,6 +35,10 @@ pub(crate) type Socket = WebSocket<hyper_util::rt::TokioIo<hyper::upgrade::Upgra
 
 /// Events written per drain before the task looks at the socket again.
 const BATCH: usize = 64;
+/// The drain buffer a session keeps between wake-ups (larger ones are freed after use).
+const KEEP_BATCH_CAPACITY: usize = 16;
+/// Wake-ups by the outbox after which the socket is polled first once (see `main_loop`).
+const FAIR_EVERY: u32 = 8;
 /// Refused messages within [`REFUSAL_WINDOW`] after which the connection is closed with 4029.
 const PERSISTENT_REFUSALS: u32 = 10;
 const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
@@ -58,30 +63,38 @@ pub(crate) struct SessionSettings {
     pub(crate) write_timeout: Duration,
     /// How long a closing handshake may take before the socket is dropped.
     pub(crate) close_timeout: Duration,
+    /// One clock for every session's message limiter (creating one per session is costly).
+    pub(crate) clock: governor::clock::DefaultClock,
 }
 
-/// Everything a session needs, handed over by the upgrade handler.
-pub(crate) struct SessionContext {
-    /// The id sent in `welcome` (already in the `connection.accepted` record).
-    pub(crate) session_id: String,
+/// What every session shares: the services it talks to and the settings, behind one pointer per
+/// session (every idle connection keeps its session's state, so it is kept small).
+pub(crate) struct Services {
     pub(crate) hub: Arc<Hub>,
     pub(crate) bus: Arc<Bus>,
     pub(crate) auth: Arc<Authenticator>,
     pub(crate) policies: Arc<PolicyStore>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) audit: AuditLog,
-    pub(crate) settings: Arc<SessionSettings>,
+    pub(crate) settings: SessionSettings,
+}
+
+/// What a session keeps of its upgrade for its whole life.
+pub(crate) struct SessionContext {
+    pub(crate) shared: Arc<Services>,
     pub(crate) principal: Principal,
-    /// Labels every subscription must carry (`tenant`, the configured and the policy's claims).
-    pub(crate) mandatory: Vec<(String, String)>,
-    pub(crate) remote: SocketAddr,
     /// For the audit records' common fields.
     pub(crate) user_agent: Option<Box<str>>,
     pub(crate) origin: Option<Box<str>>,
 }
 
-/// What the admission decided, handed to the session with its context.
+/// What the admission decided, handed to the session with its context and consumed as it starts.
 pub(crate) struct Admitted {
+    /// The id sent in `welcome` (already in the `connection.accepted` record).
+    pub(crate) session_id: String,
+    pub(crate) remote: SocketAddr,
+    /// Labels every subscription must carry (`tenant`, the configured and the policy's claims).
+    pub(crate) mandatory: Vec<(String, String)>,
     /// The place under the connection caps.
     pub(crate) reservation: Reservation,
     /// The tenant's policy the connection was admitted under, and its generation.
@@ -99,27 +112,25 @@ enum End {
     Abort,
 }
 
-/// What woke the session's loop.
+/// What woke the session's loop: the outbox (events, a close request, the hub's clock, a policy
+/// reload) or the socket.
 enum Wake {
     Outbox,
     Incoming(Result<Message, WsError>),
-    Heartbeat,
-    Expired,
 }
 
 /// Unregisters the session and settles its gauges however the task ends (even by a panic).
 struct Registration {
-    hub: Arc<Hub>,
+    shared: Arc<Services>,
     conn: Arc<Conn>,
-    metrics: Arc<Metrics>,
     started: Instant,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.hub.unregister(&self.conn);
-        self.metrics.active_connections.dec();
-        self.metrics.session_duration.observe(self.started.elapsed().as_secs_f64());
+        self.shared.hub.unregister(&self.conn);
+        self.shared.metrics.active_connections.dec();
+        self.shared.metrics.session_duration.observe(self.started.elapsed().as_secs_f64());
     }
 }
 
@@ -317,42 +328,38 @@ struct Session {
 #[allow(clippy::boxed_local)]
 pub(crate) fn run(mut socket: Socket, boxed: Box<(SessionContext, Admitted)>) -> impl Future<Output = ()> + Send {
     let (mut ctx, admitted) = *boxed;
-    let conn = ctx.hub.register(std::mem::take(&mut ctx.session_id), admitted.reservation, ctx.remote);
-    if ctx.policies.generation() != admitted.policy_generation {
+    let conn = ctx.shared.hub.register(admitted.session_id, admitted.reservation, admitted.remote);
+    if ctx.shared.policies.generation() != admitted.policy_generation {
         // A reload landed between admission and registration; its wake-up missed this session.
         conn.outbox.wake();
     }
-    ctx.metrics.active_connections.inc();
-    ctx.metrics.total_connections.inc();
-    let registration = Registration {
-        hub: Arc::clone(&ctx.hub),
-        conn: Arc::clone(&conn),
-        metrics: Arc::clone(&ctx.metrics),
-        started: Instant::now(),
-    };
+    ctx.shared.metrics.active_connections.inc();
+    ctx.shared.metrics.total_connections.inc();
+    let registration =
+        Registration { shared: Arc::clone(&ctx.shared), conn: Arc::clone(&conn), started: Instant::now() };
     tracing::info!(
         session_id = %conn.session_id, tenant = %conn.tenant, subject = %conn.subject,
         remote = %conn.remote, token_id = %ctx.principal.token_id, "session opened"
     );
-    let mandatory = std::mem::take(&mut ctx.mandatory);
+    let mandatory = admitted.mandatory;
     // The claims were needed to derive the mandatory labels; a refresh only compares the issuer.
     let issuer = ctx.principal.claims.get("iss").cloned();
     ctx.principal.claims = serde_json::Map::new();
-    let quota = message_quota(&ctx.settings, &admitted.policy.limits);
+    let quota = message_quota(&ctx.shared.settings, &admitted.policy.limits);
     let welcome = ServerMessage::Welcome {
         session_id: conn.session_id.clone(),
         server_time: crate::time::rfc3339_now(),
         tenant: ctx.principal.tenant.to_string(),
         subject: ctx.principal.subject.clone(),
         expires_at: crate::time::rfc3339_from_unix(ctx.principal.expires_at),
-        heartbeat_interval_secs: ctx.settings.heartbeat.as_secs(),
+        heartbeat_interval_secs: ctx.shared.settings.heartbeat.as_secs(),
         protocol: protocol::PROTOCOL_VERSION,
     };
     socket.queue_text(welcome.to_text().as_bytes());
-    ctx.metrics.messages_sent.inc();
+    ctx.shared.metrics.messages_sent.inc();
     let mut s = Session {
-        expiry: deadline_for(ctx.principal.expires_at, ctx.settings.leeway),
-        limiter: RateLimiter::direct(quota),
+        expiry: deadline_for(ctx.principal.expires_at, ctx.shared.settings.leeway),
+        limiter: RateLimiter::direct_with_clock(quota, ctx.shared.settings.clock.clone()),
         conn,
         subs: Vec::new(),
         mandatory,
@@ -373,6 +380,7 @@ pub(crate) fn run(mut socket: Socket, boxed: Box<(SessionContext, Admitted)>) ->
         dropped: 0,
         ctx,
     };
+    s.arm_expiry();
     async move {
         // Rare paths are boxed, so the future stays small.
         let end = match Box::pin(s.guarded(socket.flush())).await {
@@ -388,7 +396,7 @@ impl Drop for Session {
     /// leaves the gauge.
     fn drop(&mut self) {
         if let Some(state) = self.acks.take() {
-            self.ctx.metrics.unacked_events.sub(state.depth() as i64);
+            self.ctx.shared.metrics.unacked_events.sub(state.depth() as i64);
         }
     }
 }
@@ -404,7 +412,7 @@ impl Session {
             }
             End::ClientGone(code) => {
                 // The reply to the client's close is queued; push it out.
-                if tokio::time::timeout(self.ctx.settings.close_timeout, socket.flush()).await.is_err() {
+                if tokio::time::timeout(self.ctx.shared.settings.close_timeout, socket.flush()).await.is_err() {
                     tracing::debug!(session_id = %self.conn.session_id, "close reply not flushed in time");
                 }
                 (code, if code.is_some() { "client_closed" } else { "connection_lost" })
@@ -418,7 +426,7 @@ impl Session {
         self.dropped += left + unreported;
         if code.is_some() {
             // Ends TLS with close_notify, so a client can tell a clean end from a cut connection.
-            let _ = tokio::time::timeout(self.ctx.settings.close_timeout, socket.shutdown()).await;
+            let _ = tokio::time::timeout(self.ctx.shared.settings.close_timeout, socket.shutdown()).await;
         }
         let elapsed = registration.started.elapsed();
         drop(registration);
@@ -435,32 +443,58 @@ impl Session {
             .field("messages_received", self.received)
             .field("events_delivered", self.delivered)
             .field("events_dropped", self.dropped);
-        self.ctx.audit.record(record).await;
+        self.ctx.shared.audit.record(record).await;
     }
 
     async fn main_loop(&mut self, socket: &mut Socket) -> End {
-        let hb = self.ctx.settings.heartbeat;
-        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + hb, hb);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut awaiting_pong = false;
-        let expiry = tokio::time::sleep_until(self.expiry);
-        tokio::pin!(expiry);
+        // Wake-ups by the outbox since the socket was last polled first.
+        let mut outbox_streak = 0u32;
         loop {
-            if expiry.deadline() != self.expiry {
-                expiry.as_mut().reset(self.expiry);
-            }
             let conn = Arc::clone(&self.conn);
-            // The select only says what happened; the work happens after it, so the futures
-            // it polled are gone by then and the session's future stays small.
-            let wake = tokio::select! {
-                () = conn.outbox.ready() => Wake::Outbox,
-                incoming = socket.recv() => Wake::Incoming(incoming),
-                _ = heartbeat.tick() => Wake::Heartbeat,
-                () = &mut expiry => Wake::Expired,
+            // The outbox is looked at first, so a wake-up for events does not also poll the socket
+            // (a read that would block and a waker to register, on every delivery). Every
+            // FAIR_EVERY wake-ups the socket goes first, so a client sent a steady stream is still
+            // read (its pongs, its close). The select only says what happened; the work happens
+            // after it, so the futures it polled are gone by then and the future stays small.
+            let socket_first = outbox_streak >= FAIR_EVERY;
+            let wake = if socket_first {
+                outbox_streak = 0;
+                tokio::select! {
+                    biased;
+                    incoming = socket.recv() => Wake::Incoming(incoming),
+                    () = conn.outbox.ready() => Wake::Outbox,
+                }
+            } else {
+                tokio::select! {
+                    biased;
+                    () = conn.outbox.ready() => Wake::Outbox,
+                    incoming = socket.recv() => Wake::Incoming(incoming),
+                }
             };
             let step = match wake {
-                Wake::Outbox => self.flush_outbox(socket).await,
+                Wake::Outbox => {
+                    outbox_streak += 1;
+                    // Heartbeats and the token deadline come from the hub's clock, as wake-ups.
+                    let timers = self.conn.take_timers();
+                    if timers.expired() {
+                        return End::Close(CloseReason::TokenExpired);
+                    }
+                    if timers.heartbeat() {
+                        if awaiting_pong {
+                            return End::Close(CloseReason::HeartbeatTimeout);
+                        }
+                        awaiting_pong = true;
+                        socket.queue_ping();
+                        if let Err(end) = self.guarded(socket.flush()).await {
+                            return end;
+                        }
+                    }
+                    // A quiet session still re-checks the policy here, at least once per heartbeat.
+                    self.flush_outbox(socket).await
+                }
                 Wake::Incoming(incoming) => {
+                    outbox_streak = 0;
                     awaiting_pong = false;
                     match incoming {
                         Ok(Message::Ping) => self.guarded(socket.flush()).await,
@@ -470,17 +504,6 @@ impl Session {
                         Err(e) => Err(self.read_failed(e)),
                     }
                 }
-                Wake::Heartbeat if awaiting_pong => Err(End::Close(CloseReason::HeartbeatTimeout)),
-                Wake::Heartbeat => {
-                    // A quiet session still re-checks the policy at least once per heartbeat.
-                    if let Err(end) = self.follow_policy(socket).await {
-                        return end;
-                    }
-                    awaiting_pong = true;
-                    socket.queue_ping();
-                    self.guarded(socket.flush()).await
-                }
-                Wake::Expired => Err(End::Close(CloseReason::TokenExpired)),
             };
             if let Err(end) = step {
                 return end;
@@ -488,12 +511,18 @@ impl Session {
         }
     }
 
+    /// Hands the token deadline to the hub's clock, which wakes the session when it passes.
+    fn arm_expiry(&self) {
+        let left = self.expiry.saturating_duration_since(tokio::time::Instant::now());
+        self.ctx.shared.hub.set_expiry(&self.conn, left);
+    }
+
     /// Drains the outbox into the socket, a few batches at a time.
     async fn flush_outbox(&mut self, socket: &mut Socket) -> Result<(), End> {
         self.follow_policy(socket).await?;
         if self.conn.take_idle_nudge()
             && self.subs.is_empty()
-            && self.last_message.elapsed() >= self.ctx.settings.idle_timeout
+            && self.last_message.elapsed() >= self.ctx.shared.settings.idle_timeout
         {
             return Err(End::Close(CloseReason::IdleTimeout));
         }
@@ -516,7 +545,10 @@ impl Session {
             self.skip_replayed(&mut batch);
             let written = if batch.is_empty() { Ok(()) } else { self.write_events(socket, &batch, true).await };
             batch.clear();
-            self.batch = batch;
+            // A burst's worth of capacity is not kept by a connection that may idle for hours.
+            if batch.capacity() <= KEEP_BATCH_CAPACITY {
+                self.batch = batch;
+            }
             written?;
             if let Some(reason) = d.close {
                 return Err(End::Close(reason));
@@ -557,7 +589,7 @@ impl Session {
     /// Maps a read failure to how the session ends.
     fn read_failed(&self, e: WsError) -> End {
         if !matches!(e, WsError::Eof) {
-            self.ctx.metrics.connection_errors.inc();
+            self.ctx.shared.metrics.connection_errors.inc();
         }
         tracing::debug!(session_id = %self.conn.session_id, error = %e, "read ended");
         match e {
@@ -590,7 +622,7 @@ impl Session {
                 Err(End::Close(conn.outbox.close_reason().unwrap_or(CloseReason::SlowConsumer)))
             }
             () = tokio::time::sleep_until(self.expiry) => Err(End::Close(CloseReason::TokenExpired)),
-            () = tokio::time::sleep(self.ctx.settings.write_timeout) => {
+            () = tokio::time::sleep(self.ctx.shared.settings.write_timeout) => {
                 tracing::info!(session_id = %conn.session_id, "write made no progress within the write timeout");
                 Err(End::Close(CloseReason::SlowConsumer))
             }
@@ -598,18 +630,19 @@ impl Session {
     }
 
     fn write_failed(&self, e: std::io::Error) -> End {
-        self.ctx.metrics.send_errors.inc();
+        self.ctx.shared.metrics.send_errors.inc();
         tracing::debug!(session_id = %self.conn.session_id, error = %e, "write failed");
         End::Abort
     }
 
     /// Writes events; `live` ones (not replayed) feed the publish-to-delivery latency histogram.
     async fn write_events(&mut self, socket: &mut Socket, batch: &[Arc<Published>], live: bool) -> Result<(), End> {
+        socket.reserve_frames(batch.len(), batch.iter().map(|ev| ev.frame.len()).sum());
         for ev in batch {
             socket.queue_text(&ev.frame);
         }
         let r = self.guarded(socket.flush()).await;
-        let metrics = &self.ctx.metrics;
+        let metrics = &self.ctx.shared.metrics;
         let n = batch.len() as u64;
         match &r {
             Ok(()) => {
@@ -625,8 +658,13 @@ impl Session {
                 }
                 metrics.events_delivered.inc_by(n);
                 metrics.messages_sent.inc_by(n);
-                for ev in batch.iter().filter(|_| live) {
-                    metrics.message_latency.observe(ev.published_at.elapsed().as_secs_f64());
+                if live {
+                    // One clock read per write, not per event.
+                    let now = Instant::now();
+                    for ev in batch {
+                        let latency = now.saturating_duration_since(ev.published_at);
+                        metrics.message_latency.observe(latency.as_secs_f64());
+                    }
                 }
             }
             Err(_) => {
@@ -641,25 +679,25 @@ impl Session {
     async fn send(&mut self, socket: &mut Socket, msg: ServerMessage) -> Result<(), End> {
         socket.queue_text(msg.to_text().as_bytes());
         self.guarded(socket.flush()).await?;
-        self.ctx.metrics.messages_sent.inc();
+        self.ctx.shared.metrics.messages_sent.inc();
         Ok(())
     }
 
     async fn client_error(&mut self, socket: &mut Socket, e: ProtocolError) -> Result<(), End> {
-        self.ctx.metrics.connection_errors.inc();
+        self.ctx.shared.metrics.connection_errors.inc();
         tracing::debug!(session_id = %self.conn.session_id, code = e.code.as_str(), message = %e.message, "client error");
         self.send(socket, ServerMessage::from_error(e)).await
     }
 
     /// The message rate and burst in force: the tenant's, capped by the service-wide ceiling.
     fn message_limits(&self) -> (u32, u32) {
-        let (l, s) = (&self.policy.limits, &self.ctx.settings);
+        let (l, s) = (&self.policy.limits, &self.ctx.shared.settings);
         (l.messages_per_second.min(s.messages_per_second.get()), l.message_burst.min(s.message_burst.get()))
     }
 
     /// Subscriptions one connection may hold: the tenant's, capped by the service-wide ceiling.
     fn max_subscriptions(&self) -> usize {
-        (self.policy.limits.max_subscriptions_per_connection as usize).min(self.ctx.settings.max_subscriptions)
+        (self.policy.limits.max_subscriptions_per_connection as usize).min(self.ctx.shared.settings.max_subscriptions)
     }
 
     /// After a policy reload: ends the session if its tenant, subject or token is no longer
@@ -667,7 +705,7 @@ impl Session {
     /// removes the subscriptions whose event types are no longer allowed (`error
     /// forbidden_filter` + `unsubscribed` each).
     async fn apply_policy(&mut self, socket: &mut Socket) -> Result<(), End> {
-        let store = Arc::clone(&self.ctx.policies);
+        let store = Arc::clone(&self.ctx.shared.policies);
         self.policy_generation = store.generation();
         let set = store.current();
         let p = &self.ctx.principal;
@@ -693,7 +731,8 @@ impl Session {
         let old_limits = self.message_limits();
         self.policy = Arc::clone(policy);
         if self.message_limits() != old_limits {
-            self.limiter = RateLimiter::direct(message_quota(&self.ctx.settings, &self.policy.limits));
+            let quota = message_quota(&self.ctx.shared.settings, &self.policy.limits);
+            self.limiter = RateLimiter::direct_with_clock(quota, self.ctx.shared.settings.clock.clone());
         }
         let mut removed = Vec::new();
         let mut changed = false;
@@ -727,7 +766,7 @@ impl Session {
                 .reason("forbidden_filter")
                 .field("subscription_id", id.clone())
                 .field("by", "policy_reload");
-            self.ctx.audit.record(record).await;
+            self.ctx.shared.audit.record(record).await;
             let e = ProtocolError {
                 code: ErrorCode::ForbiddenFilter,
                 message: format!("removed by a policy change: {message}"),
@@ -741,7 +780,7 @@ impl Session {
 
     /// Applies a policy reload the session has not seen yet.
     async fn follow_policy(&mut self, socket: &mut Socket) -> Result<(), End> {
-        if self.ctx.policies.generation() == self.policy_generation {
+        if self.ctx.shared.policies.generation() == self.policy_generation {
             return Ok(());
         }
         Box::pin(self.apply_policy(socket)).await
@@ -753,7 +792,7 @@ impl Session {
         if self.limiter.check().is_ok() {
             return Ok(true);
         }
-        self.ctx.metrics.rate_limited.with_label_values(&["message"]).inc();
+        self.ctx.shared.metrics.rate_limited.with_label_values(&["message"]).inc();
         if self.refusals == 0 || self.refusal_window.elapsed() > REFUSAL_WINDOW {
             self.refusal_window = Instant::now();
             self.refusals = 0;
@@ -763,7 +802,7 @@ impl Session {
                 .field("scope", "message")
                 .field("limit_per_second", self.message_limits().0)
                 .field("burst", self.message_limits().1);
-            self.ctx.audit.record(record).await;
+            self.ctx.shared.audit.record(record).await;
         }
         self.refusals += 1;
         if self.refusals >= PERSISTENT_REFUSALS {
@@ -790,7 +829,7 @@ impl Session {
             .audit_record(Kind::SubscriptionRejected)
             .reason(e.code.as_str())
             .field("subscription_id", e.subscription_id.clone());
-        self.ctx.audit.record(record).await;
+        self.ctx.shared.audit.record(record).await;
         self.client_error(socket, e).await
     }
 
@@ -804,14 +843,14 @@ impl Session {
             Message::Ping | Message::Pong => return Ok(()),
             Message::Close(code) => return Err(End::ClientGone(code)),
         };
-        self.ctx.metrics.messages_received.inc();
+        self.ctx.shared.metrics.messages_received.inc();
         self.received += 1;
-        if size > self.ctx.settings.max_frame_bytes {
-            self.ctx.metrics.connection_errors.inc();
+        if size > self.ctx.shared.settings.max_frame_bytes {
+            self.ctx.shared.metrics.connection_errors.inc();
             return Err(End::Close(CloseReason::FrameTooLarge));
         }
         self.last_message = Instant::now();
-        self.conn.touch(&self.ctx.hub);
+        self.conn.touch(&self.ctx.shared.hub);
         self.follow_policy(socket).await?;
         if !self.admit().await? {
             let e = ProtocolError {
@@ -841,7 +880,7 @@ impl Session {
 
     fn publish_filters(&self) {
         let filters: Arc<[Arc<SubscriptionFilter>]> = self.subs.iter().map(|s| Arc::clone(&s.filter)).collect();
-        self.ctx.hub.set_filters(&self.conn, filters);
+        self.ctx.shared.hub.set_filters(&self.conn, filters);
     }
 
     async fn handle(&mut self, socket: &mut Socket, msg: ClientMessage) -> Result<(), End> {
@@ -867,7 +906,7 @@ impl Session {
                 }
                 let max = self.max_subscriptions();
                 if self.subs.len() >= max {
-                    self.ctx.metrics.rate_limited.with_label_values(&["subscriptions"]).inc();
+                    self.ctx.shared.metrics.rate_limited.with_label_values(&["subscriptions"]).inc();
                     let e = err(
                         ErrorCode::TooManySubscriptions,
                         format!("at most {max} subscriptions per connection"),
@@ -905,7 +944,7 @@ impl Session {
                 // Live first, then the window: whatever the snapshot misses arrives live.
                 self.publish_filters();
                 let replay = match resume_from {
-                    Some(after) => Some((after, self.ctx.bus.replay(&self.conn.tenant, after, &filter).await)),
+                    Some(after) => Some((after, self.ctx.shared.bus.replay(&self.conn.tenant, after, &filter).await)),
                     None => None,
                 };
                 tracing::debug!(session_id = %self.conn.session_id, subscription_id = %id, "subscribed");
@@ -918,7 +957,7 @@ impl Session {
                         .field("resume_from", after.to_string())
                         .field("replayed", r.as_ref().map_or(serde_json::Value::Null, |r| r.events.len().into()));
                 }
-                self.ctx.audit.record(record).await;
+                self.ctx.shared.audit.record(record).await;
                 self.send(socket, ServerMessage::Subscribed { subscription_id: id.clone(), filters: effective })
                     .await?;
                 match replay {
@@ -962,7 +1001,7 @@ impl Session {
                     .audit_record(Kind::SubscriptionRemoved)
                     .reason("unsubscribed")
                     .field("subscription_id", id.clone());
-                self.ctx.audit.record(record).await;
+                self.ctx.shared.audit.record(record).await;
                 self.send(socket, ServerMessage::Unsubscribed { subscription_id: id }).await
             }
             ClientMessage::Ping(p) => {
@@ -977,7 +1016,7 @@ impl Session {
                 Ok(id) => {
                     let state = self.acks.get_or_insert_with(Box::default);
                     let acked = state.ack(id);
-                    self.ctx.metrics.unacked_events.sub(acked as i64);
+                    self.ctx.shared.metrics.unacked_events.sub(acked as i64);
                     if let Some(last) = state.last {
                         self.conn.set_ack_state(last, state.depth());
                     }
@@ -991,14 +1030,14 @@ impl Session {
 
     async fn refresh(&mut self, socket: &mut Socket, token: &str) -> Result<(), End> {
         let current = &self.ctx.principal;
-        match self.ctx.auth.verify(token).await {
+        match self.ctx.shared.auth.verify(token).await {
             Err(e) => {
                 let record = self
                     .audit_record(Kind::TokenRefreshed)
                     .reason(e.code())
                     .field("result", "refused")
                     .field("presented_token_id", crate::auth::short_hash(token));
-                self.ctx.audit.record(record).await;
+                self.ctx.shared.audit.record(record).await;
                 let e = ProtocolError {
                     code: ErrorCode::TokenInvalid,
                     message: format!("refresh refused: {}", e.code()),
@@ -1010,9 +1049,10 @@ impl Session {
                 if p.tenant != current.tenant
                     || p.subject != current.subject
                     || p.claims.get("iss") != self.issuer.as_ref()
-                    || self.ctx.policies.current().admit_principal(&p.tenant, &p.subject, &p.token_id)
+                    || self.ctx.shared.policies.current().admit_principal(&p.tenant, &p.subject, &p.token_id)
                         != Admission::Allowed
-                    || mandatory_labels(&self.ctx.auth, &self.policy, &p).ok().as_ref() != Some(&self.mandatory) =>
+                    || mandatory_labels(&self.ctx.shared.auth, &self.policy, &p).ok().as_ref()
+                        != Some(&self.mandatory) =>
             {
                 tracing::warn!(session_id = %self.conn.session_id, "refresh for another tenant or subject");
                 let record = self
@@ -1022,7 +1062,7 @@ impl Session {
                     .field("presented_token_id", p.token_id.clone())
                     .field("presented_tenant", p.tenant.to_string())
                     .field("presented_subject", p.subject.clone());
-                self.ctx.audit.record(record).await;
+                self.ctx.shared.audit.record(record).await;
                 let e = ProtocolError {
                     code: ErrorCode::TokenInvalid,
                     message: "refresh token is for another issuer, tenant, subject or set of mandatory labels, \
@@ -1036,7 +1076,8 @@ impl Session {
             Ok(mut p) => {
                 // A refresh extends; a token expiring earlier than the current one changes nothing.
                 p.expires_at = p.expires_at.max(current.expires_at);
-                self.expiry = deadline_for(p.expires_at, self.ctx.settings.leeway);
+                self.expiry = deadline_for(p.expires_at, self.ctx.shared.settings.leeway);
+                self.arm_expiry();
                 let expires_at = crate::time::rfc3339_from_unix(p.expires_at);
                 tracing::info!(session_id = %self.conn.session_id, token_id = %p.token_id, "token refreshed");
                 let previous = std::mem::replace(&mut self.ctx.principal, p).token_id;
@@ -1046,7 +1087,7 @@ impl Session {
                     .field("result", "ok")
                     .field("previous_token_id", previous)
                     .field("token_expires_at", expires_at.clone());
-                self.ctx.audit.record(record).await;
+                self.ctx.shared.audit.record(record).await;
                 self.send(socket, ServerMessage::Refreshed { expires_at }).await
             }
         }
@@ -1058,7 +1099,7 @@ impl Session {
         // Stops further queueing (and discards what a cutting close leaves behind), so the lagged
         // notice below covers every event this connection lost.
         let discarded = self.conn.outbox.request_close(reason);
-        self.ctx.metrics.events_dropped.inc_by(discarded);
+        self.ctx.shared.metrics.events_dropped.inc_by(discarded);
         let mut nothing = Vec::new();
         let lagged = self.conn.outbox.drain(&mut nothing, 0).lagged;
         let code = reason.close_code().code();
@@ -1074,12 +1115,12 @@ impl Session {
                 .to_text()
                 .as_bytes(),
             );
-            self.ctx.metrics.messages_sent.inc();
+            self.ctx.shared.metrics.messages_sent.inc();
         }
         let closing =
             ServerMessage::Closing { reason: reason.as_str(), reconnect_after_ms: reason.reconnect_after_ms() };
         socket.queue_text(closing.to_text().as_bytes());
-        self.ctx.metrics.messages_sent.inc();
+        self.ctx.shared.metrics.messages_sent.inc();
         socket.queue_close(code, reason.as_str());
         let handshake = async {
             socket.flush().await?;
@@ -1095,7 +1136,7 @@ impl Session {
             }
             Ok::<(), std::io::Error>(())
         };
-        match tokio::time::timeout(self.ctx.settings.close_timeout, handshake).await {
+        match tokio::time::timeout(self.ctx.shared.settings.close_timeout, handshake).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::debug!(session_id = %self.conn.session_id, error = %e, "close handshake failed"),
             Err(_) => tracing::debug!(session_id = %self.conn.session_id, "close handshake timed out"),

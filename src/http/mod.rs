@@ -26,7 +26,6 @@ use crate::bus::Bus;
 use crate::config::PublishConfig;
 use crate::fanout::Hub;
 use crate::metrics::Metrics;
-use crate::session::SessionSettings;
 
 /// Shared state of every handler.
 pub(crate) struct AppState {
@@ -40,7 +39,8 @@ pub(crate) struct AppState {
     pub(crate) audit: AuditLog,
     /// The active audit file, for `GET /admin/audit` (`None` when the log is disabled).
     pub(crate) audit_path: Option<std::path::PathBuf>,
-    pub(crate) sessions: Arc<SessionSettings>,
+    /// What every session shares.
+    pub(crate) sessions: Arc<crate::session::Services>,
     pub(crate) publish: PublishConfig,
     /// `/metrics` needs a token with role `metrics`.
     pub(crate) metrics_require_token: bool,

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use futures_util::future::{Either, FutureExt};
 use hyper_util::rt::TokioIo;
 
 use super::audit;
@@ -140,33 +141,29 @@ pub(crate) async fn upgrade(
         return e.into_response();
     }
     let ctx = SessionContext {
-        session_id,
-        hub: Arc::clone(&state.hub),
-        bus: Arc::clone(&state.bus),
-        auth: Arc::clone(&state.auth),
-        policies: Arc::clone(&state.policies),
-        metrics: Arc::clone(&state.metrics),
-        audit: state.audit.clone(),
-        settings: Arc::clone(&state.sessions),
+        shared: Arc::clone(&state.sessions),
         principal,
-        mandatory,
-        remote,
         user_agent: user_agent.map(Into::into),
         origin: origin.map(Into::into),
     };
     let max = state.max_frame_bytes;
     // Boxed: the task keeps what it captured for its whole life; the session takes the context
     // out of the box (freeing it) when it starts.
-    let ctx = Box::new((ctx, Admitted { reservation, policy, policy_generation }));
-    tokio::spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                let socket = WebSocket::new(TokioIo::new(upgraded), max, max.saturating_mul(HARD_CAP_FACTOR));
-                session::run(socket, ctx).await;
-            }
-            Err(e) => tracing::debug!(remote = %remote, error = %e, "upgrade did not complete"),
+    let admitted = Admitted { session_id, remote, mandatory, reservation, policy, policy_generation };
+    let ctx = Box::new((ctx, admitted));
+    // A combinator rather than an `async` block: the task's future is then either the wait for
+    // the upgrade or the session, never both side by side, and every idle connection keeps it.
+    let task = on_upgrade.then(move |upgraded| match upgraded {
+        Ok(upgraded) => {
+            let socket = WebSocket::new(TokioIo::new(upgraded), max, max.saturating_mul(HARD_CAP_FACTOR));
+            Either::Left(session::run(socket, ctx))
+        }
+        Err(e) => {
+            tracing::debug!(remote = %remote, error = %e, "upgrade did not complete");
+            Either::Right(std::future::ready(()))
         }
     });
+    tokio::spawn(task);
     let mut res = StatusCode::SWITCHING_PROTOCOLS.into_response();
     let h = res.headers_mut();
     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));

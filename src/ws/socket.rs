@@ -205,6 +205,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         self.wbuf.extend_from_slice(payload);
     }
 
+    /// Makes room for `frames` frames of `payload_bytes` in all, so queueing them grows the
+    /// outbound buffer once.
+    pub(crate) fn reserve_frames(&mut self, frames: usize, payload_bytes: usize) {
+        self.wbuf.reserve(payload_bytes + frames * frame::MAX_SERVER_HEADER);
+    }
+
     /// Queues a text frame. Nothing is written until [`WebSocket::flush`].
     pub(crate) fn queue_text(&mut self, text: &[u8]) {
         if !self.close_sent {
