@@ -138,7 +138,15 @@ EOF
 }
 
 stop_server() {
-  kill -TERM "$SERVER_PID"; wait "$SERVER_PID" || true; SERVER_PID=""
+  if ! kill -TERM "$SERVER_PID" 2>/dev/null; then
+    # The server ended during the run: that is a failure of the scenario, not a quiet skip.
+    local rc=0
+    wait "$SERVER_PID" || rc=$?
+    echo "the server (pid $SERVER_PID) exited during the run with status $rc; its stderr ends with:" >&2
+    tail -20 "$WORK/server.err" >&2
+    exit 1
+  fi
+  wait "$SERVER_PID" || true; SERVER_PID=""
   if [ -n "$NATS_PID" ]; then kill -TERM "$NATS_PID"; wait "$NATS_PID" || true; NATS_PID=""; fi
 }
 
@@ -168,7 +176,13 @@ scenario() {
       (sleep "${PROFILE_DELAY:-0}"; exec perf record -F 999 -p "$SERVER_PID" -o "$OUT/$name.perf.data" 2>/dev/null) &
       perf_pid=$!
     fi
-    $LOADGEN --addr "$ADDR" "${tlsargs[@]}" --server-pid "$SERVER_PID" --name "$name" "$@" 2>/dev/null >> "$RESULTS"
+    local lg=0
+    $LOADGEN --addr "$ADDR" "${tlsargs[@]}" --server-pid "$SERVER_PID" --name "$name" "$@" 2>"$WORK/loadgen.err" >> "$RESULTS" || lg=$?
+    if [ "$lg" -ne 0 ]; then
+      echo "loadgen failed with status $lg in $name run $run; its stderr ends with:" >&2
+      tail -20 "$WORK/loadgen.err" >&2
+      exit 1
+    fi
     if [ -n "$broker_before" ]; then
       python3 scripts/bench_report.py --add-broker-cpu "$RESULTS" "$broker_before" "$(proc_cpu_secs "$NATS_PID")"
     fi

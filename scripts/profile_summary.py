@@ -18,8 +18,9 @@ GROUPS = [
     ("fan-out: dispatcher, filters, outbox push",
      lambda dso, sym: re.search(r"fanout::|filter::|outbox::Outbox::push|bus::", sym)),
     ("session and WebSocket writes (drain, framing, flush; the session loop runs inlined in the "
-     "upgrade task)",
-     lambda dso, sym: re.search(r"session::|ws::|outbox::|http::ws::upgrade|hyper::common::io::rewind|hyper_util::common::rewind", sym)),
+     "upgrade task, whose future is an `Either`)",
+     lambda dso, sym: re.search(r"session::|ws::|outbox::|http::ws::upgrade|hyper::common::io::rewind|hyper_util::common::rewind"
+                                r"|futures_util::future::either::Either<A,B> as core::future::future::Future>::poll", sym)),
     ("tokio: scheduler, wakers, timers, I/O readiness", lambda dso, sym: "tokio::" in sym),
     ("libc: memcpy/memcmp/malloc", lambda dso, sym: dso.startswith("libc")),
     ("metrics (prometheus)", lambda dso, sym: "prometheus::" in sym),

@@ -45,9 +45,6 @@ pub(crate) struct Conn {
     idle_nudge: AtomicBool,
     /// What the hub's clock raised for the session ([`Timers`] bits), taken when it wakes.
     timers: AtomicU8,
-    /// Hub milliseconds at which the next heartbeat is due, and at which the token expires.
-    next_ping_ms: AtomicU64,
-    expires_ms: AtomicU64,
     /// The last acknowledged message id (`epoch`, `seq`; epoch 0: none yet), for the admin view.
     acked: (AtomicU64, AtomicU64),
     /// Events delivered after the last ack (`u64::MAX`: the client never acked).
@@ -114,6 +111,14 @@ impl Timers {
 /// precision of both (a token expiry closes at most this much late).
 pub(crate) const CLOCK_TICK: Duration = Duration::from_millis(250);
 
+/// A live session in the registry, with the deadlines the hub's clock keeps for it.
+struct Registered {
+    conn: Arc<Conn>,
+    /// Hub milliseconds at which the next heartbeat is due, and at which the token expires.
+    next_ping_ms: u64,
+    expires_ms: u64,
+}
+
 struct Entry {
     conn: Arc<Conn>,
     filters: Arc<[Arc<SubscriptionFilter>]>,
@@ -148,7 +153,7 @@ impl TenantIndex {
 /// The fan-out hub. Cheap to share (`Arc<Hub>`).
 pub(crate) struct Hub {
     tenants: RwLock<HashMap<TenantId, Arc<RwLock<TenantIndex>>>>,
-    sessions: Mutex<HashMap<u64, Arc<Conn>>>,
+    sessions: Mutex<HashMap<u64, Registered>>,
     next_id: AtomicU64,
     started: Instant,
     metrics: Arc<Metrics>,
@@ -283,8 +288,13 @@ impl Hub {
 
     /// The live sessions, optionally of one tenant, oldest first.
     pub(crate) fn list_sessions(&self, tenant: Option<&TenantId>) -> Vec<SessionInfo> {
-        let mut conns: Vec<Arc<Conn>> =
-            self.sessions().values().filter(|c| tenant.is_none_or(|t| c.tenant == *t)).cloned().collect();
+        let mut conns: Vec<Arc<Conn>> = self
+            .sessions()
+            .values()
+            .map(|r| &r.conn)
+            .filter(|c| tenant.is_none_or(|t| c.tenant == *t))
+            .cloned()
+            .collect();
         conns.sort_by_key(|c| c.id);
         conns
             .iter()
@@ -309,7 +319,7 @@ impl Hub {
     /// Subscriptions held per tenant.
     pub(crate) fn subscription_counts(&self) -> HashMap<TenantId, usize> {
         let mut out: HashMap<TenantId, usize> = HashMap::new();
-        for c in self.sessions().values() {
+        for c in self.sessions().values().map(|r| &r.conn) {
             *out.entry(c.tenant.clone()).or_default() += c.subscription_count();
         }
         out
@@ -317,7 +327,7 @@ impl Hub {
 
     /// Asks one session to close; false when no live session has this id.
     pub(crate) fn close_session(&self, session_id: &str, reason: CloseReason) -> Option<Arc<Conn>> {
-        let conn = self.sessions().values().find(|c| c.session_id == session_id).cloned()?;
+        let conn = self.sessions().values().map(|r| &r.conn).find(|c| c.session_id == session_id).cloned()?;
         let discarded = conn.outbox.request_close(reason);
         self.metrics.events_dropped.inc_by(discarded);
         Some(conn)
@@ -325,7 +335,7 @@ impl Hub {
 
     /// Wakes every session so it re-reads the policies (after a reload).
     pub(crate) fn wake_all(&self) {
-        let conns: Vec<Arc<Conn>> = self.sessions().values().cloned().collect();
+        let conns: Vec<Arc<Conn>> = self.sessions().values().map(|r| Arc::clone(&r.conn)).collect();
         for c in conns {
             c.outbox.wake();
         }
@@ -335,7 +345,7 @@ impl Hub {
         self.started.elapsed().as_millis() as u64
     }
 
-    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Conn>>> {
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Registered>> {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -355,12 +365,15 @@ impl Hub {
             subscriptions: AtomicUsize::new(0),
             idle_nudge: AtomicBool::new(false),
             timers: AtomicU8::new(0),
-            next_ping_ms: AtomicU64::new(self.elapsed_ms() + self.heartbeat_ms),
-            expires_ms: AtomicU64::new(u64::MAX),
             acked: (AtomicU64::new(0), AtomicU64::new(0)),
             unacked: AtomicU64::new(u64::MAX),
         });
-        self.sessions().insert(conn.id, Arc::clone(&conn));
+        let registered = Registered {
+            conn: Arc::clone(&conn),
+            next_ping_ms: self.elapsed_ms() + self.heartbeat_ms,
+            expires_ms: u64::MAX,
+        };
+        self.sessions().insert(conn.id, registered);
         if self.shutting_down.load(Ordering::SeqCst) {
             conn.outbox.request_close(shutdown_reason());
         }
@@ -423,7 +436,7 @@ impl Hub {
     /// close with `closing` (1001) and a spread-out reconnect delay, after its queued events.
     pub(crate) fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
-        let conns: Vec<Arc<Conn>> = self.sessions().values().cloned().collect();
+        let conns: Vec<Arc<Conn>> = self.sessions().values().map(|r| Arc::clone(&r.conn)).collect();
         for c in conns {
             c.outbox.request_close(shutdown_reason());
         }
@@ -437,28 +450,31 @@ impl Hub {
     /// Sets when the hub's clock raises [`Timers::expired`] for this session (a refresh moves it).
     pub(crate) fn set_expiry(&self, conn: &Conn, left: Duration) {
         let at = self.elapsed_ms().saturating_add(u64::try_from(left.as_millis()).unwrap_or(u64::MAX));
-        conn.expires_ms.store(at, Ordering::Relaxed);
+        if let Some(r) = self.sessions().get_mut(&conn.id) {
+            r.expires_ms = at;
+        }
     }
 
     /// One tick of the hub's clock: raises the heartbeat and the token expiry of every session
-    /// whose time has come and wakes it. A few atomic loads per session and tick; the session
-    /// does the work. Returns how many were woken.
+    /// whose time has come and wakes it. The deadlines sit in the registry's own table, so a
+    /// tick reads that table front to back and touches a session only when its time has come.
+    /// Returns how many sessions were woken.
     pub(crate) fn tick_clock(&self) -> usize {
         let now = self.elapsed_ms();
-        let sessions = self.sessions();
+        let mut sessions = self.sessions();
         let mut n = 0;
-        for c in sessions.values() {
+        for r in sessions.values_mut() {
             let mut raised = 0;
-            if now >= c.next_ping_ms.load(Ordering::Relaxed) {
-                c.next_ping_ms.store(now + self.heartbeat_ms, Ordering::Relaxed);
+            if now >= r.next_ping_ms {
+                r.next_ping_ms = now + self.heartbeat_ms;
                 raised |= Timers::HEARTBEAT;
             }
-            if now >= c.expires_ms.load(Ordering::Relaxed) {
+            if now >= r.expires_ms {
                 raised |= Timers::EXPIRED;
             }
             if raised != 0 {
-                c.timers.fetch_or(raised, Ordering::AcqRel);
-                c.outbox.wake();
+                r.conn.timers.fetch_or(raised, Ordering::AcqRel);
+                r.conn.outbox.wake();
                 n += 1;
             }
         }
@@ -473,7 +489,7 @@ impl Hub {
         let idle_ms = idle.as_millis() as u64;
         let sessions = self.sessions();
         let mut n = 0;
-        for c in sessions.values() {
+        for c in sessions.values().map(|r| &r.conn) {
             if c.subscriptions.load(Ordering::Relaxed) == 0
                 && now.saturating_sub(c.last_message_ms.load(Ordering::Relaxed)) >= idle_ms
             {
