@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum_server::accept::DefaultAcceptor;
+use axum_server::accept::NoDelayAcceptor;
 use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 
 use crate::listener::FirstByteTimeout;
@@ -399,11 +399,15 @@ impl Server {
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(Duration::from_secs(config.server.header_read_timeout_secs));
         let first_byte = Duration::from_secs(config.server.header_read_timeout_secs);
+        // TCP_NODELAY on every connection: a session already writes each wake-up's frames in one
+        // call, so Nagle's algorithm could only hold a burst back until the client's (delayed)
+        // ACK of the previous one, up to tens of milliseconds on a real-time stream.
         let serve = match tls {
             Some(rustls) => {
                 let acceptor = FirstByteTimeout::new(
                     RustlsAcceptor::new(rustls.clone())
-                        .handshake_timeout(Duration::from_secs(config.tls.handshake_timeout_secs)),
+                        .handshake_timeout(Duration::from_secs(config.tls.handshake_timeout_secs))
+                        .acceptor(NoDelayAcceptor::new()),
                     first_byte,
                 );
                 tasks.push(tokio::spawn(crate::tls::watch(
@@ -417,7 +421,7 @@ impl Server {
             }
             None => {
                 tracing::info!(addr = %local_addr, "listening (plain HTTP)");
-                tokio::spawn(server.acceptor(FirstByteTimeout::new(DefaultAcceptor::new(), first_byte)).serve(app))
+                tokio::spawn(server.acceptor(FirstByteTimeout::new(NoDelayAcceptor::new(), first_byte)).serve(app))
             }
         };
         Ok(Running {
