@@ -477,7 +477,8 @@ impl Session {
                     outbox_streak += 1;
                     // Heartbeats and the token deadline come from the hub's clock, as wake-ups.
                     let timers = self.conn.take_timers();
-                    if timers.expired() {
+                    // Raised before a refresh that this session handled since: not expired.
+                    if timers.expired() && tokio::time::Instant::now() >= self.expiry {
                         return End::Close(CloseReason::TokenExpired);
                     }
                     if timers.heartbeat() {
