@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum_server::accept::NoDelayAcceptor;
-use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
+use axum_server::tls_rustls::RustlsConfig;
 
 use crate::listener::FirstByteTimeout;
 use tokio::sync::mpsc;
@@ -405,9 +405,10 @@ impl Server {
         let serve = match tls {
             Some(rustls) => {
                 let acceptor = FirstByteTimeout::new(
-                    RustlsAcceptor::new(rustls.clone())
-                        .handshake_timeout(Duration::from_secs(config.tls.handshake_timeout_secs))
-                        .acceptor(NoDelayAcceptor::new()),
+                    crate::tls::stream::TlsAcceptor::new(
+                        rustls.clone(),
+                        Duration::from_secs(config.tls.handshake_timeout_secs),
+                    ),
                     first_byte,
                 );
                 tasks.push(tokio::spawn(crate::tls::watch(

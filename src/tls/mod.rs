@@ -1,10 +1,13 @@
 //! TLS termination in the server: the rustls configuration (TLS 1.2 and 1.3 only, ALPN
 //! `http/1.1`, the aws-lc-rs provider passed explicitly so no process-wide default is needed),
 //! the dev certificate generator, and the watcher that reloads certificate and key when they
-//! change on disk without touching live connections.
+//! change on disk without touching live connections; [`stream`] is the TLS stream itself, on
+//! rustls's unbuffered API so an idle connection holds no TLS buffer.
 //!
 //! A reload that fails (a half-written file, a key that does not match) keeps the certificate in
 //! force and logs why; the next change is tried again.
+
+pub mod stream;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
