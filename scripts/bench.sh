@@ -10,6 +10,9 @@
 #   PROFILE=1 RUNS=1 scripts/bench.sh fanout-10k   # also a perf profile of the server per scenario:
 #                                    # target/bench/profile-NAME.txt (symbols), profile-NAME.md (grouped);
 #                                    # PROFILE_DELAY=8 leaves out the first 8 s (connection phase)
+#   WORKERS=1 scripts/bench.sh fanout-10k          # server.worker_threads for the server (default 0,
+#                                    # one per core)
+#   SERVER_ENV="MALLOC_ARENA_MAX=1" scripts/bench.sh idle   # extra environment for the server
 #
 # Only loopback addresses are used; every process started here is stopped by its PID.
 set -euo pipefail
@@ -92,6 +95,7 @@ start_server() { # $1 = tls true|false, $2 = audit log true|false, $3 = bus loca
 [server]
 listen = "127.0.0.1:0"
 shutdown_grace_secs = 2
+worker_threads = ${WORKERS:-0}
 [tls]
 enabled = $1
 cert = "$WORK/certs/server.crt"
@@ -124,7 +128,7 @@ kind = "$bus"
 [bus.nats]
 url = "nats://127.0.0.1:${NATS_PORT:-4222}"
 EOF
-  $BIN --config "$WORK/bench.toml" serve > "$WORK/server.out" 2> "$WORK/server.err" &
+  env ${SERVER_ENV:-} $BIN --config "$WORK/bench.toml" serve > "$WORK/server.out" 2> "$WORK/server.err" &
   SERVER_PID=$!
   local scheme=http
   [ "$1" = true ] && scheme=https

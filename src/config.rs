@@ -139,7 +139,13 @@ pub struct ServerConfig {
     pub shutdown_grace_secs: u64,
     /// A client must finish sending its request headers within this time (slowloris guard).
     pub header_read_timeout_secs: u64,
+    /// Threads running connections and the fan-out; 0 means one per core. Fewer than the cores
+    /// when the host shares them with other busy processes (see docs/BENCHMARKS.md).
+    pub worker_threads: usize,
 }
+
+/// More worker threads than this is a typo, not a deployment.
+pub const MAX_WORKER_THREADS: usize = 1024;
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -148,6 +154,7 @@ impl Default for ServerConfig {
             max_frame_bytes: 65536,
             shutdown_grace_secs: 10,
             header_read_timeout_secs: 10,
+            worker_threads: 0,
         }
     }
 }
@@ -608,6 +615,12 @@ impl Config {
         let w = &self.websocket;
         at_least("server.max_frame_bytes", self.server.max_frame_bytes as u64, 1024)?;
         at_least("server.header_read_timeout_secs", self.server.header_read_timeout_secs, 1)?;
+        if self.server.worker_threads > MAX_WORKER_THREADS {
+            return Err(ConfigError::Invalid {
+                key: "server.worker_threads",
+                message: format!("must be at most {MAX_WORKER_THREADS} (0 means one per core)"),
+            });
+        }
         at_least("tls.handshake_timeout_secs", self.tls.handshake_timeout_secs, 1)?;
         at_least("tls.reload_interval_secs", self.tls.reload_interval_secs, 1)?;
         at_least("websocket.max_pending_messages", w.max_pending_messages as u64, 1)?;
@@ -778,6 +791,7 @@ mod tests {
         .expect("ok");
         assert_eq!(c.websocket.max_pending_messages, 500);
         assert_eq!(c.server.listen.port(), 0);
+        assert_eq!(c.server.worker_threads, 0, "one per core unless set");
         assert_eq!(c.log.format, LogFormat::Json);
     }
 
@@ -801,6 +815,7 @@ mod tests {
             ("[bus]\nkind = \"nats\"\n[bus.nats]\nstream = \"A.B\"\n", &[], "bus.nats.stream"),
             ("[bus.nats]\nstorage = \"tape\"\n", &[], "bus.nats.storage"),
             ("[publish]\nmax_batch = 20000\n", &[], "publish.max_batch"),
+            ("[server]\nworker_threads = 5000\n", &[], "server.worker_threads"),
             ("[auth]\nleeway_secs = 100000\n", &[], "auth.leeway_secs"),
             ("[[auth.jwks]]\nissuer = \"i\"\nfile = \"f\"\nalgorithms = [\"ES256\"]\n", &[], "auth.audience"),
         ];

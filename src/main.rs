@@ -351,7 +351,11 @@ fn run() -> Result<()> {
     let config = load_config(cli.config.as_ref())?;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            if config.server.worker_threads > 0 {
+                rt.worker_threads(config.server.worker_threads);
+            }
+            let rt = rt.enable_all().build()?;
             rt.block_on(serve(config))
         }
         Command::Certs { command: CertsCommand::Generate { dir, force } } => {
