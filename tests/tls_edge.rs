@@ -72,6 +72,46 @@ async fn slow_and_silent_clients_are_cut_off_before_any_session() {
     server.shutdown().await;
 }
 
+/// Malformed TLS from a client that has not authenticated (garbage, a handshake message split
+/// around another record, a record header announcing more than TLS allows) is refused at once:
+/// the connection is closed, a TLS alert is the most it gets back, and the server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_tls_is_refused_at_once_and_the_server_keeps_serving() {
+    let server = TestServer::start(config()).await;
+    let limit = Duration::from_secs(3);
+    let inputs: [(&str, &[u8]); 3] = [
+        ("garbage", b"\x00\x01\x02 not TLS at all \r\n\r\n"),
+        (
+            "handshake split around a ChangeCipherSpec",
+            &[0x16, 0x03, 0x01, 0x00, 0x05, 0x01, 0x00, 0x01, 0x00, 0x00, 0x14, 0x03, 0x01, 0x00, 0x01, 0x01],
+        ),
+        ("oversized record", &[0x16, 0x03, 0x01, 0xff, 0xff, 0x01]),
+    ];
+    for (what, bytes) in inputs {
+        let mut tcp = TcpStream::connect(server.addr).await.expect("connect");
+        tcp.write_all(bytes).await.expect("write");
+        let mut got = Vec::new();
+        let closed = tokio::time::timeout(limit, async {
+            let mut buf = [0u8; 256];
+            loop {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "{what}: still open after {limit:?}");
+        // Nothing but (at most) an alert record: content type 21.
+        assert!(got.is_empty() || got[0] == 0x15, "{what}: answered with {got:?}");
+    }
+    let m = server.metrics().await;
+    assert_eq!(m.get("websocket_total_connections"), 0.0, "no session was created");
+    let mut ok = Client::as_user(&server, "acme", "alice").await;
+    ok.assert_alive().await;
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_clients_of_the_plain_listener_are_cut_off_too() {
     let mut cfg = plain_config();

@@ -14,8 +14,13 @@
 //! that out, so callers that flush (hyper, our WebSocket) see ordinary back-pressure.
 //!
 //! Errors: a record rustls refuses (bad MAC, a protocol violation) fails the read with
-//! `InvalidData` after the alert rustls queued for it has been offered to the socket; the TLS
-//! handshake fails the same way, within the acceptor's handshake timeout.
+//! `InvalidData` after the alert rustls queued for it has been offered to the socket, and every
+//! later read and write fails too; the TLS handshake fails the same way, within the acceptor's
+//! handshake timeout. A TCP close in the middle of a record is `UnexpectedEof`; between records
+//! (without `close_notify`, as browsers often close) it is the end of the stream.
+//!
+//! rustls's handshake deframer keeps positions in the unprocessed input between calls, so every
+//! call into rustls gets the bytes kept from the last one, never an empty slice in their place.
 
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
@@ -45,6 +50,9 @@ const RECORD_OVERHEAD: usize = 64;
 
 /// rustls's largest plaintext fragment.
 const MAX_FRAGMENT: usize = 16 * 1024;
+
+/// Plaintext taken per `poll_write`: four full records.
+const MAX_WRITE: usize = 4 * MAX_FRAGMENT;
 
 thread_local! {
     static READ_SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; READ_SCRATCH_BYTES].into_boxed_slice());
@@ -102,6 +110,8 @@ pub struct TlsStream {
     read_eof: bool,
     /// We queued our `close_notify`.
     close_sent: bool,
+    /// rustls refused the peer's input or our state: reads and writes fail from then on.
+    broken: bool,
 }
 
 impl std::fmt::Debug for TlsStream {
@@ -147,8 +157,9 @@ fn encode_onto<Data>(mut record: rustls::unbuffered::EncodeTlsData<'_, Data>, ou
 
 /// Runs rustls over `input` until it needs more bytes or reaches traffic; decrypted data goes to
 /// `dst` while it has room, the rest to `plain`; handshake records it emits go to `outgoing`.
-/// Returns how many bytes of `input` were consumed (the rest must be kept, unchanged, in front of
-/// whatever is read next) and what was reached.
+/// Returns how many bytes of `input` were consumed, also when rustls refused them: the rest must
+/// be kept, unchanged, in front of whatever is read next (rustls's handshake deframer remembers
+/// positions in it), and what was reached.
 fn process(
     conn: &mut UnbufferedServerConnection,
     input: &mut [u8],
@@ -156,15 +167,21 @@ fn process(
     plain: &mut Vec<u8>,
     outgoing: &mut Vec<u8>,
     read_eof: &mut bool,
-) -> Result<(usize, Reached), rustls::Error> {
+) -> (usize, Result<Reached, rustls::Error>) {
     let mut used = 0;
     loop {
-        let UnbufferedStatus { discard, state } = conn.process_tls_records(&mut input[used..]);
-        let mut discard = discard;
-        match state? {
+        let UnbufferedStatus { mut discard, state } = conn.process_tls_records(&mut input[used..]);
+        let state = match state {
+            Ok(state) => state,
+            Err(e) => return (used + discard, Err(e)),
+        };
+        match state {
             ConnectionState::ReadTraffic(mut records) => {
                 while let Some(record) = records.next_record() {
-                    let record = record?;
+                    let record = match record {
+                        Ok(record) => record,
+                        Err(e) => return (used + discard, Err(e)),
+                    };
                     discard += record.discard;
                     let mut payload = record.payload;
                     if let Some(dst) = dst.as_deref_mut() {
@@ -182,18 +199,23 @@ fn process(
             // later: as far as ordering goes it is as good as sent.
             ConnectionState::TransmitTlsData(sent) => sent.done(),
             ConnectionState::PeerClosed => *read_eof = true,
-            ConnectionState::BlockedHandshake => return Ok((used + discard, Reached::Blocked)),
-            ConnectionState::WriteTraffic(_) => return Ok((used + discard, Reached::Traffic)),
+            ConnectionState::BlockedHandshake => return (used + discard, Ok(Reached::Blocked)),
+            ConnectionState::WriteTraffic(_) => return (used + discard, Ok(Reached::Traffic)),
             ConnectionState::Closed => {
                 *read_eof = true;
-                return Ok((used + discard, Reached::Closed));
+                return (used + discard, Ok(Reached::Closed));
             }
             // Early data is not enabled (`max_early_data_size` is 0), so rustls never offers it;
             // any state a later rustls adds is refused rather than guessed at.
-            other => return Err(rustls::Error::General(format!("unexpected TLS state {other:?}"))),
+            other => return (used + discard, Err(rustls::Error::General(format!("unexpected TLS state {other:?}")))),
         }
         used += discard;
     }
+}
+
+/// The error every read and write returns once the connection failed.
+fn broken() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "the TLS connection failed earlier")
 }
 
 impl TlsStream {
@@ -210,6 +232,7 @@ impl TlsStream {
             out_at: 0,
             read_eof: false,
             close_sent: false,
+            broken: false,
         };
         poll_fn(|cx| stream.poll_handshake(cx)).await?;
         Ok(stream)
@@ -245,22 +268,49 @@ impl TlsStream {
             }
             self.out_at += n;
         }
-        if self.out_at > 0 || self.outgoing.capacity() > 0 {
-            self.outgoing = Vec::new();
-            self.out_at = 0;
-        }
+        self.release_outgoing();
         Poll::Ready(Ok(()))
     }
 
-    /// After rustls refused input: offers the alert it queued to the socket (without waiting),
-    /// and returns the error.
-    fn fail(&mut self, e: rustls::Error) -> io::Error {
-        let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
-        if let Ok(ConnectionState::EncodeTlsData(alert)) = state {
-            let mut bytes = Vec::new();
-            encode_onto(alert, &mut bytes);
-            let _ = self.tcp.try_write(&bytes);
+    /// Writes what of `outgoing` the socket takes now, without registering for more.
+    fn try_write_out(&mut self) -> io::Result<()> {
+        while self.out_at < self.outgoing.len() {
+            match self.tcp.try_write(&self.outgoing[self.out_at..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.out_at += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
         }
+        self.release_outgoing();
+        Ok(())
+    }
+
+    fn release_outgoing(&mut self) {
+        if self.outgoing.capacity() > 0 {
+            self.outgoing = Vec::new();
+            self.out_at = 0;
+        }
+    }
+
+    /// After rustls refused input or state: queues the alert rustls has for the peer behind
+    /// whatever `outgoing` already holds, offers it to the socket without waiting, and marks the
+    /// connection broken (nothing more is read or written on it).
+    fn fail(&mut self, e: rustls::Error) -> io::Error {
+        self.broken = true;
+        // Only while rustls has records queued: it hands those out before it looks at input
+        // again, so the refused input is never processed twice. Bounded all the same.
+        for _ in 0..4 {
+            if !self.conn.wants_write() {
+                break;
+            }
+            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut self.incoming);
+            match state {
+                Ok(ConnectionState::EncodeTlsData(record)) => encode_onto(record, &mut self.outgoing),
+                _ => break,
+            }
+        }
+        let _ = self.try_write_out();
         tls_error(e)
     }
 
@@ -269,30 +319,24 @@ impl TlsStream {
     fn ingest(&mut self, fresh: &mut [u8], dst: Option<&mut ReadBuf<'_>>) -> io::Result<()> {
         let TlsStream { conn, incoming, plain, outgoing, read_eof, .. } = &mut *self;
         let result = if incoming.is_empty() {
-            process(conn, fresh, dst, plain, outgoing, read_eof).map(|(used, reached)| {
-                incoming.extend_from_slice(&fresh[used..]);
-                reached
-            })
+            let (used, result) = process(conn, fresh, dst, plain, outgoing, read_eof);
+            incoming.extend_from_slice(&fresh[used..]);
+            result
         } else {
             incoming.extend_from_slice(fresh);
-            process(conn, incoming, dst, plain, outgoing, read_eof).map(|(used, reached)| {
-                incoming.drain(..used);
-                if incoming.is_empty() {
-                    *incoming = Vec::new();
-                }
-                reached
-            })
+            let (used, result) = process(conn, incoming, dst, plain, outgoing, read_eof);
+            incoming.drain(..used);
+            if incoming.is_empty() {
+                *incoming = Vec::new();
+            } else if incoming.capacity() > READ_SCRATCH_BYTES && incoming.len() < incoming.capacity() / 4 {
+                incoming.shrink_to_fit();
+            }
+            result
         };
         match result {
-            Ok(Reached::Blocked) | Ok(Reached::Traffic) => {
-                // A record may not exceed 16 KiB plus overhead; more unprocessed bytes than
-                // that can only be a peer that does not speak TLS.
-                if self.incoming.len() > READ_SCRATCH_BYTES + u16::MAX as usize {
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, "oversized TLS record"));
-                }
-                Ok(())
-            }
-            Ok(Reached::Closed) => Ok(()),
+            // rustls refuses a record longer than the protocol allows, so what stays unprocessed
+            // is at most one record, or one handshake message of up to 64 KiB being joined.
+            Ok(_) => Ok(()),
             Err(e) => Err(self.fail(e)),
         }
     }
@@ -305,10 +349,18 @@ impl TlsStream {
                 let mut scratch = scratch.borrow_mut();
                 match self.tcp.try_read(&mut scratch[..]) {
                     Ok(0) => {
-                        // TCP closed without close_notify: a truncation the application's own
-                        // framing (HTTP, WebSocket close) detects; the stream just ends.
                         self.read_eof = true;
-                        Some(Ok(()))
+                        if self.incoming.is_empty() {
+                            // TCP closed without close_notify, between records: the
+                            // application's own framing (HTTP, the WebSocket close) tells a
+                            // truncation; browsers often close this way.
+                            Some(Ok(()))
+                        } else {
+                            Some(Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "the peer closed the connection in the middle of a TLS record",
+                            )))
+                        }
                     }
                     Ok(n) => Some(self.ingest(&mut scratch[..n], dst.as_deref_mut())),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
@@ -337,12 +389,17 @@ impl TlsStream {
     }
 
     /// Encrypts `data` (or, with `None`, a `close_notify`) into the write scratch buffer and
-    /// hands the records to `emit`. Handshake records rustls still has queued (session tickets,
-    /// a key update answer) are put in `outgoing` first.
+    /// hands the records to `emit`. Handshake records rustls still has queued are put in
+    /// `outgoing` first.
     fn encrypt(&mut self, data: Option<&[u8]>, emit: impl FnOnce(&mut Self, &[u8])) -> io::Result<()> {
         loop {
-            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
-            match state.map_err(tls_error)? {
+            // The unprocessed input, not an empty slice: rustls may hold positions in it.
+            let UnbufferedStatus { discard, state } = self.conn.process_tls_records(&mut self.incoming);
+            let state = match state {
+                Ok(state) => state,
+                Err(e) => return Err(self.fail(e)),
+            };
+            match state {
                 ConnectionState::WriteTraffic(mut traffic) => {
                     // Taken out of its cell for the duration, so no borrow spans `emit`.
                     let mut scratch = WRITE_SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
@@ -362,8 +419,11 @@ impl TlsStream {
                             Err(e) => break Err(io::Error::other(e.to_string())),
                         }
                     };
+                    self.incoming.drain(..discard);
                     if let Ok(n) = encrypted {
                         emit(self, &scratch[..n]);
+                    } else {
+                        self.broken = true;
                     }
                     WRITE_SCRATCH.with(|s| *s.borrow_mut() = scratch);
                     return encrypted.map(|_| ());
@@ -373,7 +433,10 @@ impl TlsStream {
                 ConnectionState::ReadTraffic(mut records) => {
                     // Only reached if a read left decrypted data behind; keep it for the reader.
                     while let Some(record) = records.next_record() {
-                        self.plain.extend_from_slice(record.map_err(tls_error)?.payload);
+                        match record {
+                            Ok(record) => self.plain.extend_from_slice(record.payload),
+                            Err(e) => return Err(self.fail(e)),
+                        }
                     }
                 }
                 ConnectionState::PeerClosed => self.read_eof = true,
@@ -385,6 +448,7 @@ impl TlsStream {
                     ))
                 }
             }
+            self.incoming.drain(..discard);
         }
     }
 
@@ -412,11 +476,13 @@ impl AsyncRead for TlsStream {
             if this.take_plain(buf) || this.read_eof {
                 return Poll::Ready(Ok(()));
             }
-            // Handshake records queued by an earlier read (a key update answer) go out first;
-            // a socket that is full now is retried by the next write or flush.
-            if let Poll::Ready(Err(e)) = this.poll_write_out(cx) {
-                return Poll::Ready(Err(e));
+            if this.broken {
+                return Poll::Ready(Err(broken()));
             }
+            // Records a read queued (an alert) go out with the next write or flush; offer them
+            // now without registering this task for writability, so a reader never takes over
+            // the writer's wake-up.
+            this.try_write_out()?;
             let before = buf.filled().len();
             ready!(this.poll_read_tls(cx, Some(buf)))?;
             if buf.filled().len() > before {
@@ -427,8 +493,13 @@ impl AsyncRead for TlsStream {
 }
 
 impl AsyncWrite for TlsStream {
+    /// Takes up to [`MAX_WRITE`] bytes per call (callers loop), so one large write neither
+    /// holds the thread for long nor grows the scratch buffer without bound.
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if this.broken {
+            return Poll::Ready(Err(broken()));
+        }
         ready!(this.poll_write_out(cx))?;
         if data.is_empty() {
             return Poll::Ready(Ok(0));
@@ -436,6 +507,7 @@ impl AsyncWrite for TlsStream {
         if this.close_sent {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
+        let data = &data[..data.len().min(MAX_WRITE)];
         let encrypted = this.encrypt(Some(data), |this, records| {
             if this.outgoing.is_empty() {
                 this.send_now(cx, records);
@@ -452,13 +524,15 @@ impl AsyncWrite for TlsStream {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.close_sent {
+        if !this.close_sent && !this.broken {
             ready!(this.poll_write_out(cx))?;
             this.close_sent = true;
             // A connection that is already broken has nobody to tell.
             let _ = this.encrypt(None, |this, records| this.outgoing.extend_from_slice(records));
         }
-        ready!(this.poll_write_out(cx))?;
+        if !this.broken {
+            ready!(this.poll_write_out(cx))?;
+        }
         Pin::new(&mut this.tcp).poll_shutdown(cx)
     }
 }
@@ -468,6 +542,7 @@ mod tests {
     use super::*;
     use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
     use rustls::ClientConfig;
+    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -636,6 +711,102 @@ mod tests {
         let mut buf = [0u8; 64];
         let err = server.read(&mut buf).await.expect_err("refused");
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        // Nothing is read or written on a connection after that.
+        assert!(server.read(&mut buf).await.is_err());
+        assert!(server.write(b"late").await.is_err());
+    }
+
+    /// A TCP close in the middle of a record is an error, not a clean end of stream; a close
+    /// between records ends the stream.
+    #[tokio::test]
+    async fn a_close_inside_a_record_is_unexpected_eof() {
+        let (mut server, client) = pair(Arc::clone(&pki().server), Arc::clone(&pki().client)).await;
+        let (mut tcp, _) = client.into_inner();
+        tcp.write_all(&[0x17, 0x03, 0x03, 0x00, 0x40, 0x01, 0x02]).await.expect("write");
+        // FIN, not a reset (dropping a socket with unread session tickets would reset it).
+        tcp.shutdown().await.expect("shutdown");
+        let mut buf = [0u8; 64];
+        assert_eq!(server.read(&mut buf).await.expect_err("truncated").kind(), io::ErrorKind::UnexpectedEof);
+
+        let (mut server, client) = pair(Arc::clone(&pki().server), Arc::clone(&pki().client)).await;
+        let (mut tcp, _) = client.into_inner();
+        tcp.shutdown().await.expect("shutdown");
+        assert_eq!(server.read(&mut buf).await.expect("clean end"), 0);
+    }
+
+    /// A handshake message split across records, then something else: rustls refuses it, and the
+    /// stream returns the error (it used to hand rustls an empty slice while rustls still held
+    /// positions in the kept input, which panicked).
+    #[tokio::test]
+    async fn an_interleaved_record_during_the_handshake_is_refused_without_a_panic() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            TlsStream::accept(tcp, Arc::clone(&pki().server)).await.map(|_| ())
+        });
+        let mut tcp = TcpStream::connect(addr).await.expect("connect");
+        // The first 5 bytes of a ClientHello in one record, then a ChangeCipherSpec record.
+        tcp.write_all(&[
+            0x16, 0x03, 0x01, 0x00, 0x05, 0x01, 0x00, 0x01, 0x00, 0x00, 0x14, 0x03, 0x01, 0x00, 0x01, 0x01,
+        ])
+        .await
+        .expect("write");
+        let result = tokio::time::timeout(Duration::from_secs(5), server).await.expect("ends").expect("no panic");
+        assert_eq!(result.expect_err("refused").kind(), io::ErrorKind::InvalidData);
+    }
+
+    /// TLS 1.3 record sealing by hand (the client's traffic secret), for records a real client
+    /// would not send on its own.
+    fn seal13(secrets: &rustls::ConnectionTrafficSecrets, seq: u64, inner: &[u8], content_type: u8) -> Vec<u8> {
+        use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM, CHACHA20_POLY1305};
+        use rustls::ConnectionTrafficSecrets as S;
+        let (alg, key, iv) = match secrets {
+            S::Aes128Gcm { key, iv } => (&AES_128_GCM, key, iv),
+            S::Aes256Gcm { key, iv } => (&AES_256_GCM, key, iv),
+            S::Chacha20Poly1305 { key, iv } => (&CHACHA20_POLY1305, key, iv),
+            _ => panic!("unexpected cipher suite"),
+        };
+        let key = LessSafeKey::new(UnboundKey::new(alg, key.as_ref()).expect("key"));
+        let mut nonce = [0u8; 12];
+        nonce.copy_from_slice(iv.as_ref());
+        for (i, b) in seq.to_be_bytes().iter().enumerate() {
+            nonce[4 + i] ^= b;
+        }
+        let mut body = inner.to_vec();
+        body.push(content_type);
+        let len = body.len() + 16;
+        let header = [0x17, 0x03, 0x03, (len >> 8) as u8, len as u8];
+        key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(header), &mut body).expect("seal");
+        let mut record = header.to_vec();
+        record.extend_from_slice(&body);
+        record
+    }
+
+    /// A KeyUpdate split across records, the server writing while it waits for the rest: the
+    /// write goes through (it used to panic), and the completed KeyUpdate is followed.
+    #[tokio::test]
+    async fn a_key_update_split_across_records_does_not_stop_writes() {
+        let mut client = (*pki().client).clone();
+        client.enable_secret_extraction = true;
+        let (mut server, client) = pair(Arc::clone(&pki().server), Arc::new(client)).await;
+        let (mut tcp, conn) = client.into_inner();
+        let (seq, tx) = conn.dangerous_extract_secrets().expect("secrets").tx;
+        let mut bytes = seal13(&tx, seq, b"GET / HTTP/1.1\r\n\r\n", 0x17);
+        bytes.extend(seal13(&tx, seq + 1, &[0x18, 0x00, 0x00], 0x16));
+        tcp.write_all(&bytes).await.expect("write");
+        let mut buf = [0u8; 64];
+        let n = server.read(&mut buf).await.expect("read");
+        assert_eq!(&buf[..n], b"GET / HTTP/1.1\r\n\r\n");
+        // Let the half KeyUpdate arrive if it came in a separate segment.
+        let _ = tokio::time::timeout(Duration::from_millis(100), server.read(&mut buf)).await;
+        server.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.expect("write while a KeyUpdate is half received");
+        server.flush().await.expect("flush");
+        // The rest of the KeyUpdate (update_not_requested), then data under the new key would
+        // follow; the server must take the completion without error.
+        tcp.write_all(&seal13(&tx, seq + 2, &[0x01, 0x00], 0x16)).await.expect("write");
+        let read = tokio::time::timeout(Duration::from_millis(200), server.read(&mut buf)).await;
+        assert!(read.is_err(), "nothing to read yet, and no error: {read:?}");
     }
 
     /// A client that is not speaking TLS fails the handshake with an error, not a hang.
