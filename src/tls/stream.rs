@@ -238,11 +238,6 @@ impl TlsStream {
         Ok(stream)
     }
 
-    /// The TCP socket underneath.
-    pub fn get_ref(&self) -> &TcpStream {
-        &self.tcp
-    }
-
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             ready!(self.poll_write_out(cx))?;
