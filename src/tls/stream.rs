@@ -595,6 +595,24 @@ mod tests {
         tokio::join!(accept, connect)
     }
 
+    /// The client sends `request`, the server reads it whole and answers `reply`.
+    async fn round_trip(
+        server: &mut TlsStream,
+        client: &mut tokio_rustls::client::TlsStream<TcpStream>,
+        request: &[u8],
+        reply: &[u8],
+    ) {
+        client.write_all(request).await.expect("client write");
+        client.flush().await.expect("client flush");
+        let mut buf = [0u8; 64];
+        let n = server.read(&mut buf).await.expect("server read");
+        assert_eq!(&buf[..n], request);
+        server.write_all(reply).await.expect("server write");
+        server.flush().await.expect("server flush");
+        let n = client.read(&mut buf).await.expect("client read");
+        assert_eq!(&buf[..n], reply);
+    }
+
     fn idle(s: &TlsStream) -> bool {
         s.incoming.capacity() == 0 && s.plain.capacity() == 0 && s.outgoing.capacity() == 0
     }
@@ -604,15 +622,13 @@ mod tests {
         let pki = pki();
         for client in [Arc::clone(&pki.client), Arc::clone(&pki.client12)] {
             let (mut server, mut client) = pair(Arc::clone(&pki.server), client).await;
-            client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.expect("write");
-            client.flush().await.expect("flush");
-            let mut buf = [0u8; 64];
-            let n = server.read(&mut buf).await.expect("read");
-            assert_eq!(&buf[..n], b"GET / HTTP/1.1\r\n\r\n");
-            server.write_all(b"HTTP/1.1 101 Switching Protocols\r\n\r\n").await.expect("write");
-            server.flush().await.expect("flush");
-            let n = client.read(&mut buf).await.expect("read");
-            assert_eq!(&buf[..n], b"HTTP/1.1 101 Switching Protocols\r\n\r\n");
+            round_trip(
+                &mut server,
+                &mut client,
+                b"GET / HTTP/1.1\r\n\r\n",
+                b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            )
+            .await;
             assert!(idle(&server), "an idle stream holds no buffer");
         }
     }
@@ -665,15 +681,7 @@ mod tests {
         let pki = pki();
         let (mut server, mut client) = pair(Arc::clone(&pki.server), Arc::clone(&pki.client)).await;
         client.get_mut().1.refresh_traffic_keys().expect("key update");
-        client.write_all(b"after update").await.expect("write");
-        client.flush().await.expect("flush");
-        let mut buf = [0u8; 64];
-        let n = server.read(&mut buf).await.expect("read");
-        assert_eq!(&buf[..n], b"after update");
-        server.write_all(b"reply").await.expect("write");
-        server.flush().await.expect("flush");
-        let n = client.read(&mut buf).await.expect("read");
-        assert_eq!(&buf[..n], b"reply");
+        round_trip(&mut server, &mut client, b"after update", b"reply").await;
     }
 
     /// Shutdown sends close_notify: the client sees a clean end of stream; the client's own
