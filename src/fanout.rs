@@ -34,6 +34,9 @@ pub(crate) struct Conn {
     pub(crate) tenant: TenantId,
     pub(crate) subject: String,
     pub(crate) remote: SocketAddr,
+    /// The upgrade request's `User-Agent` and `Origin`, for audit records and origin checks.
+    pub(crate) user_agent: Option<Box<str>>,
+    pub(crate) origin: Option<Box<str>>,
     /// Milliseconds since the Unix epoch when the session started.
     pub(crate) connected_at_ms: u64,
     pub(crate) outbox: Outbox,
@@ -351,7 +354,14 @@ impl Hub {
 
     /// Registers a new session under its reservation; it receives nothing until it subscribes.
     /// [`Hub::unregister`] frees the reservation's place.
-    pub(crate) fn register(&self, session_id: String, mut reservation: Reservation, remote: SocketAddr) -> Arc<Conn> {
+    pub(crate) fn register(
+        &self,
+        session_id: String,
+        mut reservation: Reservation,
+        remote: SocketAddr,
+        user_agent: Option<Box<str>>,
+        origin: Option<Box<str>>,
+    ) -> Arc<Conn> {
         reservation.armed = false;
         let conn = Arc::new(Conn {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
@@ -359,6 +369,8 @@ impl Hub {
             tenant: reservation.tenant.clone(),
             subject: std::mem::take(&mut reservation.subject),
             remote,
+            user_agent,
+            origin,
             connected_at_ms: crate::time::unix_now_ms(),
             outbox: Outbox::new(self.max_pending),
             last_message_ms: AtomicU64::new(self.elapsed_ms()),
@@ -552,7 +564,7 @@ mod tests {
         let hub = Arc::new(Hub::new(metrics, 16, heartbeat));
         let tenant = TenantId::new("acme").expect("tenant");
         let reservation = hub.reserve(&tenant, "alice", &Limits::default()).expect("place");
-        let conn = hub.register("s1".into(), reservation, "127.0.0.1:1".parse().expect("addr"));
+        let conn = hub.register("s1".into(), reservation, "127.0.0.1:1".parse().expect("addr"), None, None);
         (hub, conn)
     }
 

@@ -300,7 +300,11 @@ struct Sub {
 }
 
 struct Session {
-    ctx: SessionContext,
+    /// What every session shares (the hub, the bus, auth, policies, metrics, audit, settings).
+    shared: Arc<Services>,
+    /// The current token's id and `exp` (the tenant and subject are the connection state's).
+    token_id: Box<str>,
+    token_expires_at: u64,
     conn: Arc<Conn>,
     /// Subscriptions by id: a short vector (a handful per connection, bounded by the limit).
     subs: Vec<Sub>,
@@ -341,7 +345,13 @@ struct Session {
 #[allow(clippy::boxed_local)]
 pub(crate) fn run(mut socket: Socket, boxed: Box<(SessionContext, Admitted)>) -> impl Future<Output = ()> + Send {
     let (mut ctx, admitted) = *boxed;
-    let conn = ctx.shared.hub.register(admitted.session_id, admitted.reservation, admitted.remote);
+    let conn = ctx.shared.hub.register(
+        admitted.session_id,
+        admitted.reservation,
+        admitted.remote,
+        ctx.user_agent.take(),
+        ctx.origin.take(),
+    );
     if ctx.shared.policies.generation() != admitted.policy_generation {
         // A reload landed between admission and registration; its wake-up missed this session.
         conn.outbox.wake();
@@ -391,7 +401,9 @@ pub(crate) fn run(mut socket: Socket, boxed: Box<(SessionContext, Admitted)>) ->
         received: 0,
         delivered: 0,
         dropped: 0,
-        ctx,
+        token_id: std::mem::take(&mut ctx.principal.token_id).into_boxed_str(),
+        token_expires_at: ctx.principal.expires_at,
+        shared: ctx.shared,
     };
     s.arm_expiry();
     async move {
@@ -409,7 +421,7 @@ impl Drop for Session {
     /// leaves the gauge.
     fn drop(&mut self) {
         if let Some(state) = self.acks.take() {
-            self.ctx.shared.metrics.unacked_events.sub(state.depth() as i64);
+            self.shared.metrics.unacked_events.sub(state.depth() as i64);
         }
     }
 }
@@ -425,7 +437,7 @@ impl Session {
             }
             End::ClientGone(code) => {
                 // The reply to the client's close is queued; push it out.
-                if tokio::time::timeout(self.ctx.shared.settings.close_timeout, socket.flush()).await.is_err() {
+                if tokio::time::timeout(self.shared.settings.close_timeout, socket.flush()).await.is_err() {
                     tracing::debug!(session_id = %self.conn.session_id, "close reply not flushed in time");
                 }
                 (code, if code.is_some() { "client_closed" } else { "connection_lost" })
@@ -439,7 +451,7 @@ impl Session {
         self.dropped += left + unreported;
         if code.is_some() {
             // Ends TLS with close_notify, so a client can tell a clean end from a cut connection.
-            let _ = tokio::time::timeout(self.ctx.shared.settings.close_timeout, socket.shutdown()).await;
+            let _ = tokio::time::timeout(self.shared.settings.close_timeout, socket.shutdown()).await;
         }
         let elapsed = registration.started.elapsed();
         drop(registration);
@@ -456,7 +468,7 @@ impl Session {
             .field("messages_received", self.received)
             .field("events_delivered", self.delivered)
             .field("events_dropped", self.dropped);
-        self.ctx.shared.audit.record(record).await;
+        self.shared.audit.record(record).await;
     }
 
     async fn main_loop(&mut self, socket: &mut Socket) -> End {
@@ -527,7 +539,7 @@ impl Session {
     /// Hands the token deadline to the hub's clock, which wakes the session when it passes.
     fn arm_expiry(&self) {
         let left = self.expiry.saturating_duration_since(tokio::time::Instant::now());
-        self.ctx.shared.hub.set_expiry(&self.conn, left);
+        self.shared.hub.set_expiry(&self.conn, left);
     }
 
     /// Drains the outbox into the socket, a few batches at a time.
@@ -535,7 +547,7 @@ impl Session {
         self.follow_policy(socket).await?;
         if self.conn.take_idle_nudge()
             && self.subs.is_empty()
-            && self.last_message.elapsed() >= self.ctx.shared.settings.idle_timeout
+            && self.last_message.elapsed() >= self.shared.settings.idle_timeout
         {
             return Err(End::Close(CloseReason::IdleTimeout));
         }
@@ -612,7 +624,7 @@ impl Session {
     /// Maps a read failure to how the session ends.
     fn read_failed(&self, e: WsError) -> End {
         if !matches!(e, WsError::Eof) {
-            self.ctx.shared.metrics.connection_errors.inc();
+            self.shared.metrics.connection_errors.inc();
         }
         tracing::debug!(session_id = %self.conn.session_id, error = %e, "read ended");
         match e {
@@ -647,7 +659,7 @@ impl Session {
                 Err(End::Close(conn.outbox.close_reason().unwrap_or(CloseReason::SlowConsumer)))
             }
             () = tokio::time::sleep_until(self.expiry) => Err(End::Close(CloseReason::TokenExpired)),
-            () = tokio::time::sleep(self.ctx.shared.settings.write_timeout) => {
+            () = tokio::time::sleep(self.shared.settings.write_timeout) => {
                 tracing::info!(session_id = %conn.session_id, "write made no progress within the write timeout");
                 Err(End::Close(CloseReason::SlowConsumer))
             }
@@ -655,7 +667,7 @@ impl Session {
     }
 
     fn write_failed(&self, e: std::io::Error) -> End {
-        self.ctx.shared.metrics.send_errors.inc();
+        self.shared.metrics.send_errors.inc();
         tracing::debug!(session_id = %self.conn.session_id, error = %e, "write failed");
         End::Abort
     }
@@ -671,7 +683,7 @@ impl Session {
     /// Books a write of `batch`: delivered (and, for live events, their latency) or not known to
     /// have reached the client (reported in the final `lagged`).
     fn events_written(&mut self, batch: &[Arc<Published>], live: bool, r: &Result<(), End>) {
-        let metrics = &self.ctx.shared.metrics;
+        let metrics = &self.shared.metrics;
         let n = batch.len() as u64;
         match r {
             Ok(()) => {
@@ -706,25 +718,25 @@ impl Session {
     async fn send(&mut self, socket: &mut Socket, msg: ServerMessage) -> Result<(), End> {
         socket.queue_text(msg.to_text().as_bytes());
         self.flush(socket).await?;
-        self.ctx.shared.metrics.messages_sent.inc();
+        self.shared.metrics.messages_sent.inc();
         Ok(())
     }
 
     async fn client_error(&mut self, socket: &mut Socket, e: ProtocolError) -> Result<(), End> {
-        self.ctx.shared.metrics.connection_errors.inc();
+        self.shared.metrics.connection_errors.inc();
         tracing::debug!(session_id = %self.conn.session_id, code = e.code.as_str(), message = %e.message, "client error");
         self.send(socket, ServerMessage::from_error(e)).await
     }
 
     /// The message rate and burst in force: the tenant's, capped by the service-wide ceiling.
     fn message_limits(&self) -> (u32, u32) {
-        let (l, s) = (&self.policy.limits, &self.ctx.shared.settings);
+        let (l, s) = (&self.policy.limits, &self.shared.settings);
         (l.messages_per_second.min(s.messages_per_second.get()), l.message_burst.min(s.message_burst.get()))
     }
 
     /// Subscriptions one connection may hold: the tenant's, capped by the service-wide ceiling.
     fn max_subscriptions(&self) -> usize {
-        (self.policy.limits.max_subscriptions_per_connection as usize).min(self.ctx.shared.settings.max_subscriptions)
+        (self.policy.limits.max_subscriptions_per_connection as usize).min(self.shared.settings.max_subscriptions)
     }
 
     /// After a policy reload: ends the session if its tenant, subject or token is no longer
@@ -732,18 +744,17 @@ impl Session {
     /// removes the subscriptions whose event types are no longer allowed (`error
     /// forbidden_filter` + `unsubscribed` each).
     async fn apply_policy(&mut self, socket: &mut Socket) -> Result<(), End> {
-        let store = Arc::clone(&self.ctx.shared.policies);
+        let store = Arc::clone(&self.shared.policies);
         self.policy_generation = store.generation();
         let set = store.current();
-        let p = &self.ctx.principal;
-        let admission = set.admit_principal(&p.tenant, &p.subject, &p.token_id);
+        let admission = set.admit_principal(&self.conn.tenant, &self.conn.subject, &self.token_id);
         let reason = match admission {
             Admission::Allowed => None,
             Admission::UnknownTenant | Admission::Disabled => Some(CloseReason::TenantDisabled),
             Admission::SubjectRevoked => Some(CloseReason::SubjectRevoked),
             Admission::TokenRevoked => Some(CloseReason::TokenRevoked),
         };
-        let Some(policy) = set.get(&p.tenant).filter(|_| reason.is_none()) else {
+        let Some(policy) = set.get(&self.conn.tenant).filter(|_| reason.is_none()) else {
             return Err(End::Close(reason.unwrap_or(CloseReason::TenantDisabled)));
         };
         if Arc::ptr_eq(policy, &self.policy) || **policy == *self.policy {
@@ -752,14 +763,14 @@ impl Session {
         if policy.mandatory_labels != self.policy.mandatory_labels {
             return Err(End::Close(CloseReason::PolicyChanged));
         }
-        if !policy.allows_origin(self.ctx.origin.as_deref()) {
+        if !policy.allows_origin(self.conn.origin.as_deref()) {
             return Err(End::Close(CloseReason::OriginNotAllowed));
         }
         let old_limits = self.message_limits();
         self.policy = Arc::clone(policy);
         if self.message_limits() != old_limits {
-            let quota = message_quota(&self.ctx.shared.settings, &self.policy.limits);
-            self.limiter = RateLimiter::direct_with_clock(quota, self.ctx.shared.settings.clock.clone());
+            let quota = message_quota(&self.shared.settings, &self.policy.limits);
+            self.limiter = RateLimiter::direct_with_clock(quota, self.shared.settings.clock.clone());
         }
         let mut removed = Vec::new();
         let mut changed = false;
@@ -793,7 +804,7 @@ impl Session {
                 .reason("forbidden_filter")
                 .field("subscription_id", id.clone())
                 .field("by", "policy_reload");
-            self.ctx.shared.audit.record(record).await;
+            self.shared.audit.record(record).await;
             let e = ProtocolError {
                 code: ErrorCode::ForbiddenFilter,
                 message: format!("removed by a policy change: {message}"),
@@ -807,7 +818,7 @@ impl Session {
 
     /// Applies a policy reload the session has not seen yet.
     async fn follow_policy(&mut self, socket: &mut Socket) -> Result<(), End> {
-        if self.ctx.shared.policies.generation() == self.policy_generation {
+        if self.shared.policies.generation() == self.policy_generation {
             return Ok(());
         }
         Box::pin(self.apply_policy(socket)).await
@@ -819,7 +830,7 @@ impl Session {
         if self.limiter.check().is_ok() {
             return Ok(true);
         }
-        self.ctx.shared.metrics.rate_limited.with_label_values(&["message"]).inc();
+        self.shared.metrics.rate_limited.with_label_values(&["message"]).inc();
         if self.refusals == 0 || self.refusal_window.elapsed() > REFUSAL_WINDOW {
             self.refusal_window = Instant::now();
             self.refusals = 0;
@@ -829,7 +840,7 @@ impl Session {
                 .field("scope", "message")
                 .field("limit_per_second", self.message_limits().0)
                 .field("burst", self.message_limits().1);
-            self.ctx.shared.audit.record(record).await;
+            self.shared.audit.record(record).await;
         }
         self.refusals += 1;
         if self.refusals >= PERSISTENT_REFUSALS {
@@ -844,10 +855,10 @@ impl Session {
             .session(self.conn.session_id.clone())
             .tenant(self.conn.tenant.to_string())
             .subject(self.conn.subject.clone())
-            .token_id(self.ctx.principal.token_id.clone())
+            .token_id(self.token_id.to_string())
             .remote(self.conn.remote)
-            .user_agent(self.ctx.user_agent.as_deref())
-            .origin(self.ctx.origin.as_deref())
+            .user_agent(self.conn.user_agent.as_deref())
+            .origin(self.conn.origin.as_deref())
     }
 
     /// Answers a refused subscribe and audits it.
@@ -856,7 +867,7 @@ impl Session {
             .audit_record(Kind::SubscriptionRejected)
             .reason(e.code.as_str())
             .field("subscription_id", e.subscription_id.clone());
-        self.ctx.shared.audit.record(record).await;
+        self.shared.audit.record(record).await;
         self.client_error(socket, e).await
     }
 
@@ -870,14 +881,14 @@ impl Session {
             Message::Ping | Message::Pong => return Ok(()),
             Message::Close(code) => return Err(End::ClientGone(code)),
         };
-        self.ctx.shared.metrics.messages_received.inc();
+        self.shared.metrics.messages_received.inc();
         self.received += 1;
-        if size > self.ctx.shared.settings.max_frame_bytes {
-            self.ctx.shared.metrics.connection_errors.inc();
+        if size > self.shared.settings.max_frame_bytes {
+            self.shared.metrics.connection_errors.inc();
             return Err(End::Close(CloseReason::FrameTooLarge));
         }
         self.last_message = Instant::now();
-        self.conn.touch(&self.ctx.shared.hub);
+        self.conn.touch(&self.shared.hub);
         self.follow_policy(socket).await?;
         if !self.admit().await? {
             let e = ProtocolError {
@@ -907,7 +918,7 @@ impl Session {
 
     fn publish_filters(&self) {
         let filters: Arc<[Arc<SubscriptionFilter>]> = self.subs.iter().map(|s| Arc::clone(&s.filter)).collect();
-        self.ctx.shared.hub.set_filters(&self.conn, filters);
+        self.shared.hub.set_filters(&self.conn, filters);
     }
 
     async fn handle(&mut self, socket: &mut Socket, msg: ClientMessage) -> Result<(), End> {
@@ -933,7 +944,7 @@ impl Session {
                 }
                 let max = self.max_subscriptions();
                 if self.subs.len() >= max {
-                    self.ctx.shared.metrics.rate_limited.with_label_values(&["subscriptions"]).inc();
+                    self.shared.metrics.rate_limited.with_label_values(&["subscriptions"]).inc();
                     let e = err(
                         ErrorCode::TooManySubscriptions,
                         format!("at most {max} subscriptions per connection"),
@@ -971,7 +982,7 @@ impl Session {
                 // Live first, then the window: whatever the snapshot misses arrives live.
                 self.publish_filters();
                 let replay = match resume_from {
-                    Some(after) => Some((after, self.ctx.shared.bus.replay(&self.conn.tenant, after, &filter).await)),
+                    Some(after) => Some((after, self.shared.bus.replay(&self.conn.tenant, after, &filter).await)),
                     None => None,
                 };
                 tracing::debug!(session_id = %self.conn.session_id, subscription_id = %id, "subscribed");
@@ -984,7 +995,7 @@ impl Session {
                         .field("resume_from", after.to_string())
                         .field("replayed", r.as_ref().map_or(serde_json::Value::Null, |r| r.events.len().into()));
                 }
-                self.ctx.shared.audit.record(record).await;
+                self.shared.audit.record(record).await;
                 self.send(socket, ServerMessage::Subscribed { subscription_id: id.clone(), filters: effective })
                     .await?;
                 match replay {
@@ -1028,7 +1039,7 @@ impl Session {
                     .audit_record(Kind::SubscriptionRemoved)
                     .reason("unsubscribed")
                     .field("subscription_id", id.clone());
-                self.ctx.shared.audit.record(record).await;
+                self.shared.audit.record(record).await;
                 self.send(socket, ServerMessage::Unsubscribed { subscription_id: id }).await
             }
             ClientMessage::Ping(p) => {
@@ -1043,7 +1054,7 @@ impl Session {
                 Ok(id) => {
                     let state = self.acks.get_or_insert_with(Box::default);
                     let acked = state.ack(id);
-                    self.ctx.shared.metrics.unacked_events.sub(acked as i64);
+                    self.shared.metrics.unacked_events.sub(acked as i64);
                     if let Some(last) = state.last {
                         self.conn.set_ack_state(last, state.depth());
                     }
@@ -1056,15 +1067,14 @@ impl Session {
     }
 
     async fn refresh(&mut self, socket: &mut Socket, token: &str) -> Result<(), End> {
-        let current = &self.ctx.principal;
-        match self.ctx.shared.auth.verify(token).await {
+        match self.shared.auth.verify(token).await {
             Err(e) => {
                 let record = self
                     .audit_record(Kind::TokenRefreshed)
                     .reason(e.code())
                     .field("result", "refused")
                     .field("presented_token_id", crate::auth::short_hash(token));
-                self.ctx.shared.audit.record(record).await;
+                self.shared.audit.record(record).await;
                 let e = ProtocolError {
                     code: ErrorCode::TokenInvalid,
                     message: format!("refresh refused: {}", e.code()),
@@ -1073,13 +1083,12 @@ impl Session {
                 self.client_error(socket, e).await
             }
             Ok(p)
-                if p.tenant != current.tenant
-                    || p.subject != current.subject
+                if p.tenant != self.conn.tenant
+                    || p.subject != self.conn.subject
                     || p.claims.get("iss") != self.issuer.as_deref()
-                    || self.ctx.shared.policies.current().admit_principal(&p.tenant, &p.subject, &p.token_id)
+                    || self.shared.policies.current().admit_principal(&p.tenant, &p.subject, &p.token_id)
                         != Admission::Allowed
-                    || mandatory_labels(&self.ctx.shared.auth, &self.policy, &p).ok().as_ref()
-                        != Some(&self.mandatory) =>
+                    || mandatory_labels(&self.shared.auth, &self.policy, &p).ok().as_ref() != Some(&self.mandatory) =>
             {
                 tracing::warn!(session_id = %self.conn.session_id, "refresh for another tenant or subject");
                 let record = self
@@ -1089,7 +1098,7 @@ impl Session {
                     .field("presented_token_id", p.token_id.clone())
                     .field("presented_tenant", p.tenant.to_string())
                     .field("presented_subject", p.subject.clone());
-                self.ctx.shared.audit.record(record).await;
+                self.shared.audit.record(record).await;
                 let e = ProtocolError {
                     code: ErrorCode::TokenInvalid,
                     message: "refresh token is for another issuer, tenant, subject or set of mandatory labels, \
@@ -1102,19 +1111,20 @@ impl Session {
             }
             Ok(mut p) => {
                 // A refresh extends; a token expiring earlier than the current one changes nothing.
-                p.expires_at = p.expires_at.max(current.expires_at);
-                self.expiry = deadline_for(p.expires_at, self.ctx.shared.settings.leeway);
+                p.expires_at = p.expires_at.max(self.token_expires_at);
+                self.expiry = deadline_for(p.expires_at, self.shared.settings.leeway);
                 self.arm_expiry();
                 let expires_at = crate::time::rfc3339_from_unix(p.expires_at);
                 tracing::info!(session_id = %self.conn.session_id, token_id = %p.token_id, "token refreshed");
-                let previous = std::mem::replace(&mut self.ctx.principal, p).token_id;
+                self.token_expires_at = p.expires_at;
+                let previous = std::mem::replace(&mut self.token_id, p.token_id.into_boxed_str()).into_string();
                 let record = self
                     .audit_record(Kind::TokenRefreshed)
                     .reason("ok")
                     .field("result", "ok")
                     .field("previous_token_id", previous)
                     .field("token_expires_at", expires_at.clone());
-                self.ctx.shared.audit.record(record).await;
+                self.shared.audit.record(record).await;
                 self.send(socket, ServerMessage::Refreshed { expires_at }).await
             }
         }
@@ -1126,7 +1136,7 @@ impl Session {
         // Stops further queueing (and discards what a cutting close leaves behind), so the lagged
         // notice below covers every event this connection lost.
         let discarded = self.conn.outbox.request_close(reason);
-        self.ctx.shared.metrics.events_dropped.inc_by(discarded);
+        self.shared.metrics.events_dropped.inc_by(discarded);
         let mut nothing = Vec::new();
         let lagged = self.conn.outbox.drain(&mut nothing, 0).lagged;
         let code = reason.close_code().code();
@@ -1142,12 +1152,12 @@ impl Session {
                 .to_text()
                 .as_bytes(),
             );
-            self.ctx.shared.metrics.messages_sent.inc();
+            self.shared.metrics.messages_sent.inc();
         }
         let closing =
             ServerMessage::Closing { reason: reason.as_str(), reconnect_after_ms: reason.reconnect_after_ms() };
         socket.queue_text(closing.to_text().as_bytes());
-        self.ctx.shared.metrics.messages_sent.inc();
+        self.shared.metrics.messages_sent.inc();
         socket.queue_close(code, reason.as_str());
         let handshake = async {
             socket.flush().await?;
@@ -1163,7 +1173,7 @@ impl Session {
             }
             Ok::<(), std::io::Error>(())
         };
-        match tokio::time::timeout(self.ctx.shared.settings.close_timeout, handshake).await {
+        match tokio::time::timeout(self.shared.settings.close_timeout, handshake).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::debug!(session_id = %self.conn.session_id, error = %e, "close handshake failed"),
             Err(_) => tracing::debug!(session_id = %self.conn.session_id, "close handshake timed out"),
