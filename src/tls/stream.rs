@@ -124,17 +124,6 @@ fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
-/// What processing the ciphertext at hand reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Reached {
-    /// The handshake needs more bytes from the peer.
-    Blocked,
-    /// Application data may flow; any unprocessed bytes are an incomplete record.
-    Traffic,
-    /// Both sides sent `close_notify`.
-    Closed,
-}
-
 /// Encodes one handshake (or alert) record rustls has ready onto the end of `out`.
 fn encode_onto<Data>(mut record: rustls::unbuffered::EncodeTlsData<'_, Data>, out: &mut Vec<u8>) {
     let start = out.len();
@@ -159,7 +148,8 @@ fn encode_onto<Data>(mut record: rustls::unbuffered::EncodeTlsData<'_, Data>, ou
 /// `dst` while it has room, the rest to `plain`; handshake records it emits go to `outgoing`.
 /// Returns how many bytes of `input` were consumed, also when rustls refused them: the rest must
 /// be kept, unchanged, in front of whatever is read next (rustls's handshake deframer remembers
-/// positions in it), and what was reached.
+/// positions in it). It stops where rustls needs more bytes (a handshake waiting for the peer, an
+/// incomplete record) or at the end of the connection (which sets `read_eof`).
 fn process(
     conn: &mut UnbufferedServerConnection,
     input: &mut [u8],
@@ -167,7 +157,7 @@ fn process(
     plain: &mut Vec<u8>,
     outgoing: &mut Vec<u8>,
     read_eof: &mut bool,
-) -> (usize, Result<Reached, rustls::Error>) {
+) -> (usize, Result<(), rustls::Error>) {
     let mut used = 0;
     loop {
         let UnbufferedStatus { mut discard, state } = conn.process_tls_records(&mut input[used..]);
@@ -199,11 +189,10 @@ fn process(
             // later: as far as ordering goes it is as good as sent.
             ConnectionState::TransmitTlsData(sent) => sent.done(),
             ConnectionState::PeerClosed => *read_eof = true,
-            ConnectionState::BlockedHandshake => return (used + discard, Ok(Reached::Blocked)),
-            ConnectionState::WriteTraffic(_) => return (used + discard, Ok(Reached::Traffic)),
+            ConnectionState::BlockedHandshake | ConnectionState::WriteTraffic(_) => return (used + discard, Ok(())),
             ConnectionState::Closed => {
                 *read_eof = true;
-                return (used + discard, Ok(Reached::Closed));
+                return (used + discard, Ok(()));
             }
             // Early data is not enabled (`max_early_data_size` is 0), so rustls never offers it;
             // any state a later rustls adds is refused rather than guessed at.
@@ -328,12 +317,9 @@ impl TlsStream {
             }
             result
         };
-        match result {
-            // rustls refuses a record longer than the protocol allows, so what stays unprocessed
-            // is at most one record, or one handshake message of up to 64 KiB being joined.
-            Ok(_) => Ok(()),
-            Err(e) => Err(self.fail(e)),
-        }
+        // rustls refuses a record longer than the protocol allows, so what stays unprocessed is
+        // at most one record, or one handshake message of up to 64 KiB being joined.
+        result.map_err(|e| self.fail(e))
     }
 
     /// One read from the socket, processed. Ready once something was read or the peer closed.
