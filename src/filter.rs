@@ -9,6 +9,8 @@
 //! bounded in size, and then the server adds the mandatory labels of the principal: a filter that
 //! names a mandatory label with another value is refused, never widened.
 
+use std::sync::{Arc, LazyLock};
+
 use crate::event::{EventType, IncidentState, Routing, Severity, UnknownName};
 use crate::protocol::FilterSpec;
 
@@ -48,17 +50,32 @@ pub enum FilterError {
     },
 }
 
-/// A validated subscription filter.
+/// A label and its value. Shared strings: the mandatory labels that every subscription of a
+/// session carries are the session's own, not copies (every idle subscription keeps them).
+pub type LabelPair = (Arc<str>, Arc<str>);
+
+/// The name of the label that carries the tenant, shared by every session.
+pub static TENANT_LABEL: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("tenant"));
+
+/// A validated subscription filter. Every subscription keeps one for its whole life, so it is
+/// small: 40 bytes, plus its labels and, rarely, the value lists.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SubscriptionFilter {
     event_types: u32,
     severities: u32,
     states: u32,
+    /// Exact label pairs, sorted by label and unique: a boxed slice, because a map's first
+    /// node costs half a kilobyte per subscription and filters hold one to a few labels.
+    labels: Box<[LabelPair]>,
+    /// Sources, affected resources and incident ids; boxed, and absent when all are empty.
+    values: Option<Box<Values>>,
+}
+
+/// The value lists of a filter, each sorted and unique (empty: any).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Values {
     sources: Vec<String>,
     affected_resources: Vec<String>,
-    /// Exact label pairs, sorted by label and unique: a small vector, because a map's first
-    /// node costs half a kilobyte per subscription and filters hold one to a few labels.
-    labels: Vec<(String, String)>,
     incident_ids: Vec<String>,
 }
 
@@ -88,6 +105,15 @@ fn check_strings<'a>(field: &'static str, mut values: impl Iterator<Item = &'a S
     Ok(())
 }
 
+impl Values {
+    fn matches(&self, r: &Routing) -> bool {
+        (self.sources.is_empty() || r.source.as_ref().is_some_and(|s| self.sources.contains(s)))
+            && (self.affected_resources.is_empty()
+                || r.affected_resources.iter().any(|x| self.affected_resources.contains(x)))
+            && (self.incident_ids.is_empty() || r.incident_id.as_ref().is_some_and(|i| self.incident_ids.contains(i)))
+    }
+}
+
 fn dedup(values: &[String]) -> Vec<String> {
     let mut v = values.to_vec();
     v.sort();
@@ -109,33 +135,42 @@ impl SubscriptionFilter {
             return Err(FilterError::TooLarge { field: "labels", what: format!("more than {MAX_LABELS} labels") });
         }
         check_strings("labels", spec.labels.keys().chain(spec.labels.values()))?;
+        let values = Values {
+            sources: dedup(&spec.sources),
+            affected_resources: dedup(&spec.affected_resources),
+            incident_ids: dedup(&spec.incident_ids),
+        };
+        let any = values.sources.is_empty() && values.affected_resources.is_empty() && values.incident_ids.is_empty();
         Ok(SubscriptionFilter {
             event_types: mask::<EventType>("event_types", &spec.event_types, EventType::bit)?,
             severities: mask::<Severity>("severities", &spec.severities, Severity::bit)?,
             states: mask::<IncidentState>("states", &spec.states, IncidentState::bit)?,
-            sources: dedup(&spec.sources),
-            affected_resources: dedup(&spec.affected_resources),
-            labels: spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            incident_ids: dedup(&spec.incident_ids),
+            labels: spec.labels.iter().map(|(k, v)| (Arc::from(k.as_str()), Arc::from(v.as_str()))).collect(),
+            values: (!any).then(|| Box::new(values)),
         })
     }
 
     /// Adds the server-enforced labels. A filter naming one of them with another value is
     /// refused; naming it with the same value is allowed (and changes nothing).
-    pub fn with_mandatory_labels(mut self, mandatory: &[(String, String)]) -> Result<Self, FilterError> {
+    pub fn with_mandatory_labels(mut self, mandatory: &[LabelPair]) -> Result<Self, FilterError> {
+        let mut labels = std::mem::take(&mut self.labels).into_vec();
         for (label, required) in mandatory {
-            match self.labels.binary_search_by(|(k, _)| k.cmp(label)) {
-                Ok(i) if self.labels[i].1 != *required => {
-                    return Err(FilterError::ForbiddenLabel { label: label.clone(), required: required.clone() })
+            match labels.binary_search_by(|(k, _)| k.cmp(label)) {
+                Ok(i) if labels[i].1 != *required => {
+                    return Err(FilterError::ForbiddenLabel {
+                        label: label.to_string(),
+                        required: required.to_string(),
+                    })
                 }
-                Ok(_) => {}
-                Err(i) => self.labels.insert(i, (label.clone(), required.clone())),
+                // The session's strings replace the client's equal copies.
+                Ok(i) => labels[i] = (Arc::clone(label), Arc::clone(required)),
+                Err(i) => labels.insert(i, (Arc::clone(label), Arc::clone(required))),
             }
         }
-        self.labels.shrink_to_fit();
-        if self.labels.len() > MAX_LABELS {
+        if labels.len() > MAX_LABELS {
             return Err(FilterError::TooLarge { field: "labels", what: format!("more than {MAX_LABELS} labels") });
         }
+        self.labels = labels.into_boxed_slice();
         Ok(self)
     }
 
@@ -156,11 +191,8 @@ impl SubscriptionFilter {
         (self.event_types == 0 || self.event_types & r.event_type.bit() != 0)
             && (self.severities == 0 || r.severity.is_some_and(|s| self.severities & s.bit() != 0))
             && (self.states == 0 || r.state.is_some_and(|s| self.states & s.bit() != 0))
-            && (self.sources.is_empty() || r.source.as_ref().is_some_and(|s| self.sources.contains(s)))
-            && (self.affected_resources.is_empty()
-                || r.affected_resources.iter().any(|x| self.affected_resources.contains(x)))
-            && (self.incident_ids.is_empty() || r.incident_id.as_ref().is_some_and(|i| self.incident_ids.contains(i)))
-            && self.labels.iter().all(|(k, v)| r.labels.get(k) == Some(v))
+            && self.values.as_deref().is_none_or(|v| v.matches(r))
+            && self.labels.iter().all(|(k, v)| r.labels.get(&**k).is_some_and(|x| x.as_str() == &**v))
     }
 
     /// The filter in wire form, as echoed in `subscribed` (the effective filter).
@@ -169,10 +201,10 @@ impl SubscriptionFilter {
             event_types: names_of(EventType::ALL, self.event_types, EventType::bit, EventType::as_str),
             severities: names_of(Severity::ALL, self.severities, Severity::bit, Severity::as_str),
             states: names_of(IncidentState::ALL, self.states, IncidentState::bit, IncidentState::as_str),
-            sources: self.sources.clone(),
-            affected_resources: self.affected_resources.clone(),
-            labels: self.labels.iter().cloned().collect(),
-            incident_ids: self.incident_ids.clone(),
+            sources: self.values.as_ref().map(|v| v.sources.clone()).unwrap_or_default(),
+            affected_resources: self.values.as_ref().map(|v| v.affected_resources.clone()).unwrap_or_default(),
+            labels: self.labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            incident_ids: self.values.as_ref().map(|v| v.incident_ids.clone()).unwrap_or_default(),
         }
     }
 }

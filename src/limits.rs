@@ -16,6 +16,10 @@
 //! tenant's policy, new connections per minute per subject and published events per second.
 //! A tenant's limiters are rebuilt when its policy changes its quotas and kept (with their state)
 //! otherwise.
+//!
+//! A connection's own message rate is a [`Gcra`]: the same algorithm governor implements, over
+//! one 8-byte timestamp, because every connection keeps one for its whole life and governor's
+//! direct limiter, with its clock, takes 72 bytes.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -293,6 +297,31 @@ impl Limiters {
     }
 }
 
+/// A rate limit over one timestamp: the generic cell rate algorithm. A cell is admitted if the
+/// bucket, refilled at `per_second` and holding `burst` cells, has one; the state is the
+/// theoretical arrival time of the next cell. Limits are passed to each check, so a policy change
+/// takes effect without rebuilding anything.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Gcra {
+    /// Nanoseconds since the caller's epoch at which the bucket is full again.
+    tat: u64,
+}
+
+impl Gcra {
+    /// Admits one cell at `now_ns` (nanoseconds since the caller's fixed epoch, never going
+    /// back). A limit of 0 counts as 1.
+    pub(crate) fn check(&mut self, now_ns: u64, per_second: u32, burst: u32) -> bool {
+        let interval = (1_000_000_000 / u64::from(per_second.max(1))).max(1);
+        let capacity = interval.saturating_mul(u64::from(burst.max(1)));
+        let next = self.tat.max(now_ns).saturating_add(interval);
+        if next - now_ns > capacity {
+            return false;
+        }
+        self.tat = next;
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -396,5 +425,50 @@ mod tests {
         assert_eq!(limiters.check_publish(&acme, 6, &limits), Err(Refused::TooLarge { burst: 5 }));
         assert_eq!(limiters.check_publish(&acme, 5, &limits), Ok(()));
         assert!(matches!(limiters.check_publish(&acme, 1, &limits), Err(Refused::Wait(_))));
+    }
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn gcra_admits_the_burst_at_once_then_one_per_interval() {
+        let mut g = Gcra::default();
+        let t0 = 5 * S;
+        assert!((0..3).all(|_| g.check(t0, 2, 3)), "a burst of 3");
+        assert!(!g.check(t0, 2, 3), "the 4th at once is refused");
+        assert!(!g.check(t0 + S / 2 - 1, 2, 3), "not before an interval (0.5 s) passed");
+        assert!(g.check(t0 + S / 2, 2, 3), "one cell back after 0.5 s");
+        assert!(!g.check(t0 + S / 2, 2, 3));
+        // A refusal costs nothing: after a long quiet the whole burst is back, not more.
+        let later = t0 + 100 * S;
+        assert_eq!((0..10).filter(|_| g.check(later, 2, 3)).count(), 3);
+    }
+
+    #[test]
+    fn gcra_at_a_steady_rate_never_refuses_and_above_it_refuses_the_excess() {
+        let mut g = Gcra::default();
+        // 10 per second, burst 1: one every 100 ms passes, for a minute.
+        assert!((0..600u64).all(|i| g.check(S + i * S / 10, 10, 1)));
+        // 20 per second offered for 10 s against 10 per second with burst 5: 100 + 5 pass.
+        let mut g = Gcra::default();
+        let start = 1000 * S;
+        let passed = (0..200u64).filter(|i| g.check(start + i * S / 20, 10, 5)).count();
+        assert!((104..=106).contains(&passed), "{passed}");
+    }
+
+    #[test]
+    fn gcra_takes_new_limits_at_the_next_check_and_treats_zero_as_one() {
+        let mut g = Gcra::default();
+        assert!(g.check(S, 1, 1));
+        assert!(!g.check(S, 1, 1));
+        // A raised burst applies at once, to the same state.
+        assert!(g.check(S, 1, 5));
+        let mut z = Gcra::default();
+        assert!(z.check(S, 0, 0));
+        assert!(!z.check(S, 0, 0));
+        assert!(z.check(2 * S, 0, 0));
+        // A rate above a billion per second still advances (no zero interval).
+        let mut fast = Gcra::default();
+        assert!(fast.check(S, u32::MAX, 1));
+        assert!(!fast.check(S, u32::MAX, 1));
     }
 }

@@ -7,11 +7,19 @@
 //! queue's worth without catching up, or that would have to shed a critical event, is marked
 //! for closing as a slow consumer (4008). The lock is a short synchronous one, never held across
 //! `.await`.
+//!
+//! Every idle connection keeps one of these, so it is kept small: the per-priority queues are
+//! allocated on the first push and released on a heartbeat that finds them empty, and the session
+//! is woken through one waker slot and a flag rather than two `Notify`s (one task, the session's,
+//! ever waits on an outbox).
 
 use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 
 use crate::bus::Published;
 use crate::event::{MessageId, Priority};
@@ -36,9 +44,13 @@ pub(crate) struct Drain {
     pub(crate) lagged: Option<(u64, MessageId)>,
 }
 
+type Queues = [VecDeque<Arc<Published>>; Priority::COUNT];
+
 #[derive(Default)]
 struct State {
-    queues: [VecDeque<Arc<Published>>; Priority::COUNT],
+    /// One queue per priority; `None` until the first push, and again after a heartbeat found
+    /// them empty (see [`Outbox::release_idle`]).
+    queues: Option<Box<Queues>>,
     len: usize,
     dropped: u64,
     first_dropped: Option<MessageId>,
@@ -65,8 +77,8 @@ impl State {
     /// Empties the queue, recording every discarded event as lost; returns how many.
     fn discard_all(&mut self) -> u64 {
         let n = self.len as u64;
-        let queues = std::mem::take(&mut self.queues);
-        for e in queues.iter().flatten() {
+        let queues = self.queues.take();
+        for e in queues.iter().flat_map(|q| q.iter()).flatten() {
             self.note_loss(e.id);
         }
         self.len = 0;
@@ -83,16 +95,23 @@ fn drains_first(reason: CloseReason) -> bool {
 /// The queue itself. See the module docs.
 pub(crate) struct Outbox {
     state: Mutex<State>,
-    /// Woken when there is something to drain (events, lagged, or a close).
-    ready: Notify,
-    /// Woken when a close is requested, to interrupt a write blocked on a full socket.
-    closing: Notify,
+    /// Set when there may be something to drain (events, lagged, a close, a timer); taken by
+    /// [`Outbox::poll_ready`].
+    ready: AtomicBool,
+    /// The session task, woken whenever `ready` is set or a close is requested (a close also
+    /// interrupts a write blocked on a full socket, see [`Outbox::poll_closing`]).
+    waker: AtomicWaker,
     capacity: usize,
 }
 
 impl Outbox {
     pub(crate) fn new(capacity: usize) -> Outbox {
-        Outbox { state: Mutex::new(State::default()), ready: Notify::new(), closing: Notify::new(), capacity }
+        Outbox {
+            state: Mutex::new(State::default()),
+            ready: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+            capacity,
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -120,11 +139,8 @@ impl Outbox {
         }
         let closing = st.close.is_some_and(|r| !drains_first(r));
         drop(st);
-        if closing {
-            self.closing.notify_one();
-            self.ready.notify_one();
-        } else if (was_empty && total.queued) || total.dropped > 0 {
-            self.ready.notify_one();
+        if closing || (was_empty && total.queued) || total.dropped > 0 {
+            self.signal();
         }
         total
     }
@@ -138,15 +154,17 @@ impl Outbox {
         let prio = ev.priority as usize;
         let mut outcome = PushOutcome { queued: true, dropped: 0 };
         if st.len < self.capacity {
-            st.queues[prio].push_back(Arc::clone(ev));
+            st.queues.get_or_insert_with(Box::default)[prio].push_back(Arc::clone(ev));
             st.len += 1;
         } else {
-            let lowest = st.queues.iter().position(|q| !q.is_empty()).unwrap_or(prio);
+            let queues = st.queues.get_or_insert_with(Box::default);
+            let lowest = queues.iter().position(|q| !q.is_empty()).unwrap_or(prio);
             if lowest < prio {
-                if let Some(evicted) = st.queues[lowest].pop_front() {
+                let evicted = queues[lowest].pop_front();
+                queues[prio].push_back(Arc::clone(ev));
+                if let Some(evicted) = evicted {
                     st.record_drop(evicted.id, self.capacity);
                 }
-                st.queues[prio].push_back(Arc::clone(ev));
                 outcome.dropped = 1;
             } else {
                 if ev.priority == Priority::Critical {
@@ -175,10 +193,7 @@ impl Outbox {
         let graceful = drains_first(reason);
         let n = if graceful { 0 } else { st.discard_all() };
         drop(st);
-        if !graceful {
-            self.closing.notify_one();
-        }
-        self.ready.notify_one();
+        self.signal();
         n
     }
 
@@ -203,15 +218,17 @@ impl Outbox {
             }
             st.dropped = 0;
         }
-        while out.len() < max && st.len > 0 {
-            // The next event in publish order is the smallest id among the queue heads.
-            let next =
-                st.queues.iter().enumerate().filter_map(|(i, q)| q.front().map(|e| (e.id, i))).min().map(|(_, i)| i);
-            let Some(i) = next else { break };
-            if let Some(e) = st.queues[i].pop_front() {
+        if let Some(queues) = st.queues.as_deref_mut() {
+            let mut taken = 0;
+            while out.len() < max {
+                // The next event in publish order is the smallest id among the queue heads.
+                let next =
+                    queues.iter().enumerate().filter_map(|(i, q)| q.front().map(|e| (e.id, i))).min().map(|(_, i)| i);
+                let Some(e) = next.and_then(|i| queues[i].pop_front()) else { break };
                 out.push(e);
-                st.len -= 1;
+                taken += 1;
             }
+            st.len -= taken;
         }
         if st.len == 0 {
             st.dropped_since_caught_up = 0;
@@ -232,7 +249,21 @@ impl Outbox {
 
     /// Wakes the session task so it drains again (used when a drain left events behind).
     pub(crate) fn wake(&self) {
-        self.ready.notify_one();
+        self.signal();
+    }
+
+    /// Releases the queues' memory if nothing is queued (called on heartbeats: a connection that
+    /// was sent events and then went quiet returns to the size of one that never was).
+    pub(crate) fn release_idle(&self) {
+        let mut st = self.lock();
+        if st.len == 0 {
+            st.queues = None;
+        }
+    }
+
+    fn signal(&self) {
+        self.ready.store(true, Ordering::Release);
+        self.waker.wake();
     }
 
     /// Number of queued events.
@@ -240,20 +271,41 @@ impl Outbox {
         self.lock().len
     }
 
-    /// Completes when there may be something to drain.
-    pub(crate) async fn ready(&self) {
-        self.ready.notified().await;
+    /// Ready when there may be something to drain; takes the signal. Only the session task
+    /// polls its outbox (the waker slot holds one task).
+    pub(crate) fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.ready.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        // Registered before the second look, so a signal between the two is not lost.
+        self.waker.register(cx.waker());
+        if self.ready.swap(false, Ordering::AcqRel) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 
-    /// Completes when a discarding close has been requested (a graceful one lets writes finish).
-    pub(crate) async fn closing(&self) {
-        loop {
-            let notified = self.closing.notified();
-            if self.lock().close.is_some_and(|r| !drains_first(r)) {
-                return;
-            }
-            notified.await;
+    /// Completes when there may be something to drain.
+    #[cfg(test)]
+    pub(crate) async fn ready(&self) {
+        poll_fn(|cx| self.poll_ready(cx)).await;
+    }
+
+    /// Ready when a discarding close has been requested (a graceful one lets writes finish).
+    /// Leaves the `ready` signal for the next [`Outbox::poll_ready`].
+    pub(crate) fn poll_closing(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.waker.register(cx.waker());
+        if self.lock().close.is_some_and(|r| !drains_first(r)) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
         }
+    }
+
+    /// Completes when a discarding close has been requested.
+    pub(crate) async fn closing(&self) {
+        poll_fn(|cx| self.poll_closing(cx)).await;
     }
 }
 

@@ -279,7 +279,7 @@ impl Server {
             message_burst: nz(ws.message_burst),
             max_frame_bytes: config.server.max_frame_bytes,
             close_timeout: CLOSE_TIMEOUT,
-            clock: governor::clock::DefaultClock::default(),
+            epoch: std::time::Instant::now(),
         };
         let bus = Arc::new(bus);
         let sessions = Arc::new(crate::session::Services {

@@ -14,20 +14,20 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
-
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::audit::{AuditLog, Kind, Record};
 use crate::auth::{Authenticator, Principal};
 use crate::bus::{Bus, Published};
 use crate::event::MessageId;
 use crate::fanout::{Conn, Hub, Reservation};
-use crate::filter::{FilterError, SubscriptionFilter};
+use crate::filter::{FilterError, LabelPair, SubscriptionFilter, TENANT_LABEL};
+use crate::limits::Gcra;
 use crate::metrics::Metrics;
 use crate::outbox::Drain;
 use crate::policy::store::PolicyStore;
-use crate::policy::{Admission, Limits, TenantPolicy};
+use crate::policy::{Admission, TenantPolicy};
 use crate::protocol::{self, ClientMessage, CloseReason, ErrorCode, ProtocolError, ServerMessage};
 use crate::ws::{Message, WebSocket, WsError};
 
@@ -36,8 +36,33 @@ pub(crate) type Socket = WebSocket<hyper_util::rt::TokioIo<hyper::upgrade::Upgra
 
 /// Events written per drain before the task looks at the socket again.
 const BATCH: usize = 64;
-/// The drain buffer a session keeps between wake-ups (larger ones are freed after use).
-const KEEP_BATCH_CAPACITY: usize = 16;
+/// The drain buffer a thread keeps between drains (larger ones, from a replay, are freed).
+const KEEP_BATCH_CAPACITY: usize = BATCH;
+
+/// What one drain of the outbox did.
+enum Drained<'a> {
+    /// The batch (possibly empty) was written at once: the close to make now, if one was
+    /// requested and nothing is left before it, and whether more is queued.
+    Written { close: Option<CloseReason>, more: bool },
+    /// The write failed.
+    Failed(End),
+    /// The boxed rest of a write that could not complete at once.
+    Slow(std::pin::Pin<Box<dyn Future<Output = Result<(), End>> + Send + 'a>>),
+}
+
+/// Returns a drain's vector to this thread's spare, unless a replay grew it large.
+fn give_back(mut batch: Vec<Arc<Published>>) {
+    batch.clear();
+    if batch.capacity() <= KEEP_BATCH_CAPACITY {
+        SPARE_BATCH.set(batch);
+    }
+}
+
+thread_local! {
+    /// The vector a drain collects its batch in: taken by the draining session for the drain and
+    /// its write, then given back, so no session keeps one of its own while it idles.
+    static SPARE_BATCH: std::cell::Cell<Vec<Arc<Published>>> = const { std::cell::Cell::new(Vec::new()) };
+}
 /// Wake-ups by the outbox after which the socket is polled first once (see `main_loop`).
 const FAIR_EVERY: u32 = 8;
 /// Refused messages within [`REFUSAL_WINDOW`] after which the connection is closed with 4029.
@@ -64,8 +89,8 @@ pub(crate) struct SessionSettings {
     pub(crate) write_timeout: Duration,
     /// How long a closing handshake may take before the socket is dropped.
     pub(crate) close_timeout: Duration,
-    /// One clock for every session's message limiter (creating one per session is costly).
-    pub(crate) clock: governor::clock::DefaultClock,
+    /// The origin of every session's message-limiter timestamps.
+    pub(crate) epoch: Instant,
 }
 
 /// What every session shares: the services it talks to and the settings, behind one pointer per
@@ -92,10 +117,10 @@ pub(crate) struct SessionContext {
 /// What the admission decided, handed to the session with its context and consumed as it starts.
 pub(crate) struct Admitted {
     /// The id sent in `welcome` (already in the `connection.accepted` record).
-    pub(crate) session_id: String,
+    pub(crate) session_id: uuid::Uuid,
     pub(crate) remote: SocketAddr,
     /// Labels every subscription must carry (`tenant`, the configured and the policy's claims).
-    pub(crate) mandatory: Vec<(String, String)>,
+    pub(crate) mandatory: Box<[LabelPair]>,
     /// The place under the connection caps.
     pub(crate) reservation: Reservation,
     /// The tenant's policy the connection was admitted under, and its generation.
@@ -126,14 +151,20 @@ enum Wake {
 struct Registration {
     shared: Arc<Services>,
     conn: Arc<Conn>,
-    started: Instant,
+}
+
+impl Registration {
+    /// How long the session has lived (from the connection state's start time).
+    fn elapsed(&self) -> Duration {
+        Duration::from_millis(crate::time::unix_now_ms().saturating_sub(self.conn.connected_at_ms))
+    }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
         self.shared.hub.unregister(&self.conn);
         self.shared.metrics.active_connections.dec();
-        self.shared.metrics.session_duration.observe(self.started.elapsed().as_secs_f64());
+        self.shared.metrics.session_duration.observe(self.elapsed().as_secs_f64());
     }
 }
 
@@ -169,7 +200,7 @@ pub(crate) fn mandatory_labels(
     auth: &Authenticator,
     policy: &TenantPolicy,
     p: &Principal,
-) -> Result<Vec<(String, String)>, crate::auth::AuthError> {
+) -> Result<Box<[LabelPair]>, crate::auth::AuthError> {
     use crate::auth::AuthError;
     let mut labels = auth.mandatory_labels(p)?;
     for (label, claim) in policy.mandatory_labels.iter() {
@@ -184,15 +215,15 @@ pub(crate) fn mandatory_labels(
             Err(i) => labels.insert(i, (label.clone(), value)),
         }
     }
-    Ok(labels)
-}
-
-/// The message rate of a connection: the tenant's, capped by the service-wide ceiling.
-fn message_quota(settings: &SessionSettings, limits: &Limits) -> Quota {
-    let nz = |v: u32| NonZeroU32::new(v).unwrap_or(NonZeroU32::MIN);
-    let rate = nz(limits.messages_per_second).min(settings.messages_per_second);
-    let burst = nz(limits.message_burst).min(settings.message_burst);
-    Quota::per_second(rate).allow_burst(burst)
+    // Shared strings where there is one to share: the tenant's own, and one `tenant` name.
+    let shared = |label: String, value: String| -> LabelPair {
+        if label.as_str() == &**TENANT_LABEL && value == p.tenant.as_str() {
+            (Arc::clone(&TENANT_LABEL), p.tenant.shared())
+        } else {
+            (label.into(), value.into())
+        }
+    };
+    Ok(labels.into_iter().map(|(l, v)| shared(l, v)).collect())
 }
 
 fn deadline_for(expires_at: u64, leeway: Duration) -> tokio::time::Instant {
@@ -308,24 +339,27 @@ struct Session {
     conn: Arc<Conn>,
     /// Subscriptions by id: a short vector (a handful per connection, bounded by the limit).
     subs: Vec<Sub>,
-    mandatory: Vec<(String, String)>,
+    mandatory: Box<[LabelPair]>,
     /// The policy in force for this session (replaced when a reload changes it).
     policy: Arc<TenantPolicy>,
     policy_generation: u64,
     /// The `iss` claim of the session's token: a refresh must come from the same issuer. Boxed:
     /// compared only on a refresh, and 24 bytes less in every idle session.
     issuer: Option<Box<serde_json::Value>>,
-    limiter: DefaultDirectRateLimiter,
+    /// The client's message rate (limits from [`Session::message_limits`]).
+    limiter: Gcra,
     refusals: u32,
-    refusal_window: Instant,
-    last_message: Instant,
-    expiry: tokio::time::Instant,
+    /// Start of the current refusal window, in ms since [`SessionSettings::epoch`].
+    refusal_window_ms: u64,
     /// After an unsubscribe, events queued up to this id are re-checked against the current
     /// subscriptions before they are written.
-    recheck_until: Option<MessageId>,
-    batch: Vec<Arc<Published>>,
+    /// Boxed: rare, and 16 bytes less in every idle session.
+    recheck_until: Option<Box<MessageId>>,
     /// Resumed subscriptions whose seam with the live stream is not yet passed.
-    resumed: Vec<Resumed>,
+    /// Boxed: most sessions never resume, and each byte here is kept by every idle one.
+    // The box is the point: 8 bytes inline instead of a vector's 24.
+    #[allow(clippy::box_collection)]
+    resumed: Option<Box<Vec<Resumed>>>,
     /// The last `Sub::key` handed out.
     next_sub_key: u64,
     /// The newest event written to the client (the resume point a `lagged` names).
@@ -358,8 +392,7 @@ pub(crate) fn run(mut socket: Socket, boxed: Box<(SessionContext, Admitted)>) ->
     }
     ctx.shared.metrics.active_connections.inc();
     ctx.shared.metrics.total_connections.inc();
-    let registration =
-        Registration { shared: Arc::clone(&ctx.shared), conn: Arc::clone(&conn), started: Instant::now() };
+    let registration = Registration { shared: Arc::clone(&ctx.shared), conn: Arc::clone(&conn) };
     tracing::info!(
         session_id = %conn.session_id, tenant = %conn.tenant, subject = %conn.subject,
         remote = %conn.remote, token_id = %ctx.principal.token_id, "session opened"
@@ -368,9 +401,8 @@ pub(crate) fn run(mut socket: Socket, boxed: Box<(SessionContext, Admitted)>) ->
     // The claims were needed to derive the mandatory labels; a refresh only compares the issuer.
     let issuer = ctx.principal.claims.get("iss").cloned().map(Box::new);
     ctx.principal.claims = serde_json::Map::new();
-    let quota = message_quota(&ctx.shared.settings, &admitted.policy.limits);
     let welcome = ServerMessage::Welcome {
-        session_id: conn.session_id.clone(),
+        session_id: conn.session_id.to_string(),
         server_time: crate::time::rfc3339_now(),
         tenant: ctx.principal.tenant.to_string(),
         subject: ctx.principal.subject.clone(),
@@ -381,8 +413,7 @@ pub(crate) fn run(mut socket: Socket, boxed: Box<(SessionContext, Admitted)>) ->
     socket.queue_text(welcome.to_text().as_bytes());
     ctx.shared.metrics.messages_sent.inc();
     let mut s = Session {
-        expiry: deadline_for(ctx.principal.expires_at, ctx.shared.settings.leeway),
-        limiter: RateLimiter::direct_with_clock(quota, ctx.shared.settings.clock.clone()),
+        limiter: Gcra::default(),
         conn,
         subs: Vec::new(),
         mandatory,
@@ -390,11 +421,9 @@ pub(crate) fn run(mut socket: Socket, boxed: Box<(SessionContext, Admitted)>) ->
         policy_generation: admitted.policy_generation,
         issuer,
         refusals: 0,
-        refusal_window: Instant::now(),
-        last_message: Instant::now(),
+        refusal_window_ms: 0,
         recheck_until: None,
-        batch: Vec::new(),
-        resumed: Vec::new(),
+        resumed: None,
         next_sub_key: 0,
         last_written: None,
         acks: None,
@@ -453,7 +482,7 @@ impl Session {
             // Ends TLS with close_notify, so a client can tell a clean end from a cut connection.
             let _ = tokio::time::timeout(self.shared.settings.close_timeout, socket.shutdown()).await;
         }
-        let elapsed = registration.started.elapsed();
+        let elapsed = registration.elapsed();
         drop(registration);
 
         tracing::info!(
@@ -481,28 +510,37 @@ impl Session {
             // FAIR_EVERY wake-ups the socket goes first, so a client sent a steady stream is still
             // read (its pongs, its close). The select only says what happened; the work happens
             // after it, so the futures it polled are gone by then and the future stays small.
+            // Polled by hand rather than with `select!`: the loop's state holds two references
+            // instead of two futures (the outbox and the socket keep their own progress).
             let socket_first = outbox_streak >= FAIR_EVERY;
-            let wake = if socket_first {
+            if socket_first {
                 outbox_streak = 0;
-                tokio::select! {
-                    biased;
-                    incoming = socket.recv() => Wake::Incoming(Box::new(incoming)),
-                    () = self.conn.outbox.ready() => Wake::Outbox,
+            }
+            let outbox = &self.conn.outbox;
+            let wake = std::future::poll_fn(|cx| {
+                if socket_first {
+                    if let Poll::Ready(incoming) = socket.poll_recv(cx) {
+                        return Poll::Ready(Wake::Incoming(Box::new(incoming)));
+                    }
                 }
-            } else {
-                tokio::select! {
-                    biased;
-                    () = self.conn.outbox.ready() => Wake::Outbox,
-                    incoming = socket.recv() => Wake::Incoming(Box::new(incoming)),
+                if outbox.poll_ready(cx).is_ready() {
+                    return Poll::Ready(Wake::Outbox);
                 }
-            };
+                if !socket_first {
+                    if let Poll::Ready(incoming) = socket.poll_recv(cx) {
+                        return Poll::Ready(Wake::Incoming(Box::new(incoming)));
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
             let step = match wake {
                 Wake::Outbox => {
                     outbox_streak += 1;
                     // Heartbeats and the token deadline come from the hub's clock, as wake-ups.
                     let timers = self.conn.take_timers();
                     // Raised before a refresh that this session handled since: not expired.
-                    if timers.expired() && tokio::time::Instant::now() >= self.expiry {
+                    if timers.expired() && self.token_expired() {
                         return End::Close(CloseReason::TokenExpired);
                     }
                     if timers.heartbeat() {
@@ -510,6 +548,8 @@ impl Session {
                             return End::Close(CloseReason::HeartbeatTimeout);
                         }
                         awaiting_pong = true;
+                        // A quiet connection gives its queues' memory back once per heartbeat.
+                        self.conn.outbox.release_idle();
                         socket.queue_ping();
                         if let Err(end) = self.flush(socket).await {
                             return end;
@@ -536,9 +576,21 @@ impl Session {
         }
     }
 
+    /// When the token, with the tolerated skew, runs out (from `exp`, so not kept: every idle
+    /// session would keep 16 bytes more).
+    fn expiry(&self) -> tokio::time::Instant {
+        deadline_for(self.token_expires_at, self.shared.settings.leeway)
+    }
+
+    /// Has the token, with the tolerated skew, run out?
+    fn token_expired(&self) -> bool {
+        let leeway_ms = u64::try_from(self.shared.settings.leeway.as_millis()).unwrap_or(u64::MAX);
+        crate::time::unix_now_ms() >= self.token_expires_at.saturating_mul(1000).saturating_add(leeway_ms)
+    }
+
     /// Hands the token deadline to the hub's clock, which wakes the session when it passes.
     fn arm_expiry(&self) {
-        let left = self.expiry.saturating_duration_since(tokio::time::Instant::now());
+        let left = self.expiry().saturating_duration_since(tokio::time::Instant::now());
         self.shared.hub.set_expiry(&self.conn, left);
     }
 
@@ -547,49 +599,20 @@ impl Session {
         self.follow_policy(socket).await?;
         if self.conn.take_idle_nudge()
             && self.subs.is_empty()
-            && self.last_message.elapsed() >= self.shared.settings.idle_timeout
+            && self.conn.quiet_for(&self.shared.hub) >= self.shared.settings.idle_timeout
         {
             return Err(End::Close(CloseReason::IdleTimeout));
         }
         for _ in 0..4 {
-            let mut batch = std::mem::take(&mut self.batch);
-            batch.clear();
-            // Only the close is kept across the writes below (each byte of this future is paid
-            // by every idle connection).
-            let Drain { close, lagged } = self.conn.outbox.drain(&mut batch, BATCH);
-            if let Some((dropped, first)) = lagged {
-                self.dropped += dropped;
-                let resume_from = resume_point(first);
-                Box::pin(
-                    self.send(
-                        socket,
-                        ServerMessage::Lagged { dropped, since_message_id: first.to_string(), resume_from },
-                    ),
-                )
-                .await?;
-            }
-            self.recheck(&mut batch);
-            self.skip_replayed(&mut batch);
-            // `write_events` by hand: one future level less in the state every idle session keeps.
-            let written = if batch.is_empty() {
-                Ok(())
-            } else {
-                queue_events(socket, &batch);
-                let r = self.flush(socket).await;
-                self.events_written(&batch, true, &r);
-                r
-            };
-            batch.clear();
-            // A burst's worth of capacity is not kept by a connection that may idle for hours.
-            if batch.capacity() <= KEEP_BATCH_CAPACITY {
-                self.batch = batch;
-            }
-            written?;
-            if let Some(reason) = close {
-                return Err(End::Close(reason));
-            }
-            if self.conn.outbox.len() == 0 {
-                return Ok(());
+            // Only a pointer, to a write that has to wait, is kept across the await (each byte of
+            // this future is paid by every idle connection). After such a write the loop drains
+            // again, which also returns a close requested meanwhile (a close stays requested).
+            match self.drain_once(socket) {
+                Drained::Written { close: Some(reason), .. } => return Err(End::Close(reason)),
+                Drained::Written { more: false, .. } => return Ok(()),
+                Drained::Written { .. } => {}
+                Drained::Failed(end) => return Err(end),
+                Drained::Slow(slow) => slow.await?,
             }
         }
         // More is queued: come back after giving the socket and timers a turn.
@@ -599,7 +622,7 @@ impl Session {
 
     /// Drops events of a removed subscription that were queued before it was removed.
     fn recheck(&mut self, batch: &mut Vec<Arc<Published>>) {
-        let Some(limit) = self.recheck_until else { return };
+        let Some(limit) = self.recheck_until.as_deref().copied() else { return };
         let passed = batch.last().is_some_and(|e| e.id >= limit) || self.conn.outbox.len() == 0;
         batch.retain(|e| e.id > limit || self.subs.iter().any(|s| s.filter.matches(&e.routing)));
         if passed {
@@ -611,13 +634,14 @@ impl Session {
     /// at or before the client's position that no other subscription asked for. Once the live
     /// stream passes a seam (an event after `through` was drained), that seam is forgotten.
     fn skip_replayed(&mut self, batch: &mut Vec<Arc<Published>>) {
-        if self.resumed.is_empty() {
-            return;
-        }
-        let (resumed, subs) = (&self.resumed, &self.subs);
+        let Some(resumed) = self.resumed.as_deref_mut() else { return };
+        let subs = &self.subs;
         batch.retain(|e| !already_covered(e, resumed, subs));
         if let Some(last) = batch.last().map(|e| e.id) {
-            self.resumed.retain(|r| last <= r.through);
+            resumed.retain(|r| last <= r.through);
+            if resumed.is_empty() {
+                self.resumed = None;
+            }
         }
     }
 
@@ -644,10 +668,67 @@ impl Session {
     async fn flush(&mut self, socket: &mut Socket) -> Result<(), End> {
         // `WebSocket::flush` keeps its progress in the socket, so a first attempt that cannot
         // finish is dropped and the slow path carries on with a fresh one.
-        match futures_util::FutureExt::now_or_never(socket.flush()) {
-            Some(r) => r.map_err(|e| self.write_failed(e)),
-            None => Box::pin(self.flush_slow(socket)).await,
+        if let Some(r) = futures_util::FutureExt::now_or_never(socket.flush()) {
+            return r.map_err(|e| self.write_failed(e));
         }
+        Box::pin(self.flush_slow(socket)).await
+    }
+
+    /// Takes one batch from the outbox and writes it, if the socket takes it at once (the usual
+    /// case: no allocation, no future). Otherwise, or when a `lagged` notice must go first, the
+    /// rest is returned boxed, holding the batch, for the caller to await.
+    fn drain_once<'a>(&'a mut self, socket: &'a mut Socket) -> Drained<'a> {
+        let mut batch = SPARE_BATCH.take();
+        debug_assert!(batch.is_empty());
+        let Drain { close, lagged } = self.conn.outbox.drain(&mut batch, BATCH);
+        self.recheck(&mut batch);
+        self.skip_replayed(&mut batch);
+        if lagged.is_none() {
+            if batch.is_empty() {
+                give_back(batch);
+                return self.written(close);
+            }
+            queue_events(socket, &batch);
+            if let Some(r) = futures_util::FutureExt::now_or_never(socket.flush()) {
+                let r = r.map_err(|e| self.write_failed(e));
+                self.events_written(&batch, true, &r);
+                give_back(batch);
+                return match r {
+                    Ok(()) => self.written(close),
+                    Err(end) => Drained::Failed(end),
+                };
+            }
+        }
+        Drained::Slow(Box::pin(self.write_drained_slow(socket, lagged, batch)))
+    }
+
+    fn written(&self, close: Option<CloseReason>) -> Drained<'static> {
+        Drained::Written { close, more: self.conn.outbox.len() > 0 }
+    }
+
+    /// The rare part of [`Session::drain_once`]: a `lagged` notice before the batch, or a write
+    /// the socket could not take at once (already queued).
+    async fn write_drained_slow(
+        &mut self,
+        socket: &mut Socket,
+        lagged: Option<(u64, MessageId)>,
+        batch: Vec<Arc<Published>>,
+    ) -> Result<(), End> {
+        if let Some((dropped, first)) = lagged {
+            self.dropped += dropped;
+            let resume_from = resume_point(first);
+            self.send(socket, ServerMessage::Lagged { dropped, since_message_id: first.to_string(), resume_from })
+                .await?;
+            if batch.is_empty() {
+                give_back(batch);
+                return Ok(());
+            }
+            queue_events(socket, &batch);
+        }
+        let r = self.flush(socket).await;
+        self.events_written(&batch, true, &r);
+        give_back(batch);
+        r
     }
 
     /// A write that has to wait: bounded by the close signal, the token and the write timeout.
@@ -658,7 +739,7 @@ impl Session {
             () = conn.outbox.closing() => {
                 Err(End::Close(conn.outbox.close_reason().unwrap_or(CloseReason::SlowConsumer)))
             }
-            () = tokio::time::sleep_until(self.expiry) => Err(End::Close(CloseReason::TokenExpired)),
+            () = tokio::time::sleep_until(self.expiry()) => Err(End::Close(CloseReason::TokenExpired)),
             () = tokio::time::sleep(self.shared.settings.write_timeout) => {
                 tracing::info!(session_id = %conn.session_id, "write made no progress within the write timeout");
                 Err(End::Close(CloseReason::SlowConsumer))
@@ -769,8 +850,8 @@ impl Session {
         let old_limits = self.message_limits();
         self.policy = Arc::clone(policy);
         if self.message_limits() != old_limits {
-            let quota = message_quota(&self.shared.settings, &self.policy.limits);
-            self.limiter = RateLimiter::direct_with_clock(quota, self.shared.settings.clock.clone());
+            // New limits start from a full bucket, as a new connection would.
+            self.limiter = Gcra::default();
         }
         let mut removed = Vec::new();
         let mut changed = false;
@@ -795,7 +876,7 @@ impl Session {
         }
         self.publish_filters();
         if let Some(last) = self.conn.outbox.last_queued() {
-            self.recheck_until = Some(self.recheck_until.map_or(last, |r| r.max(last)));
+            self.recheck_until = Some(Box::new(self.recheck_until.as_deref().map_or(last, |r| (*r).max(last))));
         }
         for (id, message) in removed {
             tracing::info!(session_id = %self.conn.session_id, subscription_id = %id, "subscription removed by policy");
@@ -827,12 +908,15 @@ impl Session {
     /// Applies the per-connection message rate; persistent violation closes with 4029. The
     /// first refusal of a window is audited (`rate_limit.tripped`), not every one.
     async fn admit(&mut self) -> Result<bool, End> {
-        if self.limiter.check().is_ok() {
+        let (per_second, burst) = self.message_limits();
+        let now = u64::try_from(self.shared.settings.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        if self.limiter.check(now, per_second, burst) {
             return Ok(true);
         }
         self.shared.metrics.rate_limited.with_label_values(&["message"]).inc();
-        if self.refusals == 0 || self.refusal_window.elapsed() > REFUSAL_WINDOW {
-            self.refusal_window = Instant::now();
+        let now_ms = u64::try_from(self.shared.settings.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if self.refusals == 0 || now_ms.saturating_sub(self.refusal_window_ms) > REFUSAL_WINDOW.as_millis() as u64 {
+            self.refusal_window_ms = now_ms;
             self.refusals = 0;
             let record = self
                 .audit_record(Kind::RateLimitTripped)
@@ -852,9 +936,9 @@ impl Session {
     /// A record with this session's common fields.
     fn audit_record(&self, kind: Kind) -> Record {
         Record::new(kind)
-            .session(self.conn.session_id.clone())
+            .session(self.conn.session_id.to_string())
             .tenant(self.conn.tenant.to_string())
-            .subject(self.conn.subject.clone())
+            .subject(self.conn.subject.to_string())
             .token_id(self.token_id.to_string())
             .remote(self.conn.remote)
             .user_agent(self.conn.user_agent.as_deref())
@@ -887,7 +971,6 @@ impl Session {
             self.shared.metrics.connection_errors.inc();
             return Err(End::Close(CloseReason::FrameTooLarge));
         }
-        self.last_message = Instant::now();
         self.conn.touch(&self.shared.hub);
         self.follow_policy(socket).await?;
         if !self.admit().await? {
@@ -1001,7 +1084,12 @@ impl Session {
                 match replay {
                     None => Ok(()),
                     Some((after, Ok(r))) => {
-                        self.resumed.push(Resumed { key, filter, after, through: r.through });
+                        self.resumed.get_or_insert_with(Box::default).push(Resumed {
+                            key,
+                            filter,
+                            after,
+                            through: r.through,
+                        });
                         for (i, chunk) in r.events.chunks(BATCH).enumerate() {
                             if let Err(end) = self.write_events(socket, chunk, false).await {
                                 // What was never attempted is lost too: the final `lagged` says so.
@@ -1033,7 +1121,7 @@ impl Session {
                 // Anything queued from now on was matched against the new set; what is already
                 // queued is re-checked before it is written.
                 if let Some(last) = self.conn.outbox.last_queued() {
-                    self.recheck_until = Some(self.recheck_until.map_or(last, |r| r.max(last)));
+                    self.recheck_until = Some(Box::new(self.recheck_until.as_deref().map_or(last, |r| (*r).max(last))));
                 }
                 let record = self
                     .audit_record(Kind::SubscriptionRemoved)
@@ -1084,7 +1172,7 @@ impl Session {
             }
             Ok(p)
                 if p.tenant != self.conn.tenant
-                    || p.subject != self.conn.subject
+                    || p.subject.as_str() != &*self.conn.subject
                     || p.claims.get("iss") != self.issuer.as_deref()
                     || self.shared.policies.current().admit_principal(&p.tenant, &p.subject, &p.token_id)
                         != Admission::Allowed
@@ -1112,11 +1200,10 @@ impl Session {
             Ok(mut p) => {
                 // A refresh extends; a token expiring earlier than the current one changes nothing.
                 p.expires_at = p.expires_at.max(self.token_expires_at);
-                self.expiry = deadline_for(p.expires_at, self.shared.settings.leeway);
+                self.token_expires_at = p.expires_at;
                 self.arm_expiry();
                 let expires_at = crate::time::rfc3339_from_unix(p.expires_at);
                 tracing::info!(session_id = %self.conn.session_id, token_id = %p.token_id, "token refreshed");
-                self.token_expires_at = p.expires_at;
                 let previous = std::mem::replace(&mut self.token_id, p.token_id.into_boxed_str()).into_string();
                 let record = self
                     .audit_record(Kind::TokenRefreshed)

@@ -318,7 +318,7 @@ pub(crate) async fn kick(State(state): State<Arc<AppState>>, caller: Caller, Pat
         match state.hub.close_session(&id, CloseReason::Kicked) {
             Some(conn) => Ok((
                 StatusCode::OK,
-                json!({"session_id": id, "tenant": conn.tenant.as_str(), "subject": conn.subject, "closing": true}),
+                json!({"session_id": id, "tenant": conn.tenant.as_str(), "subject": &*conn.subject, "closing": true}),
             )),
             None => {
                 Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_session", format!("no live session `{id}`")).into())

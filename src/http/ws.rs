@@ -34,7 +34,7 @@ pub(crate) async fn upgrade(
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
     mut req: Request,
 ) -> Response {
-    let Some(principal) = req.extensions_mut().remove::<Principal>() else {
+    let Some(mut principal) = req.extensions_mut().remove::<Principal>() else {
         // The authentication layer always inserts it; without it nothing may pass.
         return ApiError::new(StatusCode::UNAUTHORIZED, "token_missing", "no verified principal").into_response();
     };
@@ -62,6 +62,10 @@ pub(crate) async fn upgrade(
             return e.into_response();
         }
     };
+    // The tenant id the connection and its labels keep is the policy set's, not a copy.
+    if let Some(id) = set.shared_id(&principal.tenant) {
+        principal.tenant = id.clone();
+    }
     drop(set);
     let mandatory = match session::mandatory_labels(&state.auth, &policy, &principal) {
         Ok(m) => m,
@@ -120,10 +124,10 @@ pub(crate) async fn upgrade(
             return e.into_response();
         }
     };
-    let session_id = uuid::Uuid::new_v4().to_string();
+    let session_id = uuid::Uuid::new_v4();
     let (user_agent, origin) = audit::client_headers(req.headers());
     let record = audit::from_request(Kind::ConnectionAccepted, req.headers(), remote)
-        .session(session_id.clone())
+        .session(session_id.to_string())
         .tenant(principal.tenant.to_string())
         .subject(principal.subject.clone())
         .token_id(principal.token_id.clone())

@@ -203,6 +203,11 @@ impl PolicySet {
         self.tenants.get(tenant)
     }
 
+    /// The set's own copy of a tenant id (a connection keeps it rather than a copy of its own).
+    pub fn shared_id(&self, tenant: &TenantId) -> Option<&TenantId> {
+        self.tenants.get_key_value(tenant).map(|(k, _)| k)
+    }
+
     /// May this tenant connect or publish at all?
     pub fn admit(&self, tenant: &TenantId) -> Admission {
         match self.tenants.get(tenant) {

@@ -65,17 +65,18 @@ pub(crate) struct WebSocket<S> {
     io: S,
     /// Bytes read but not yet parsed (an incomplete frame). Empty, unallocated, when idle.
     rbuf: Vec<u8>,
-    /// A fragmented message being reassembled, and its opcode.
-    partial: Vec<u8>,
-    partial_op: Option<OpCode>,
+    /// A fragmented message being reassembled, and its opcode. Boxed: rare, and every idle
+    /// connection keeps this struct.
+    partial: Option<Box<(OpCode, Vec<u8>)>>,
     /// Bytes of an oversized frame still to be discarded, so a polite 1009 close is not cut off
     /// by a reset for unread data.
     skip: u64,
     /// Outbound bytes, written from `wpos`.
     wbuf: Vec<u8>,
     wpos: usize,
-    max_message: usize,
-    hard_cap: usize,
+    /// Message size limits (a `u32` each: frames and messages stay far below 4 GiB).
+    max_message: u32,
+    hard_cap: u32,
     close_sent: bool,
 }
 
@@ -86,25 +87,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         WebSocket {
             io,
             rbuf: Vec::new(),
-            partial: Vec::new(),
-            partial_op: None,
+            partial: None,
             skip: 0,
             wbuf: Vec::new(),
             wpos: 0,
-            max_message,
-            hard_cap: hard_cap.max(max_message),
+            max_message: u32::try_from(max_message).unwrap_or(u32::MAX),
+            hard_cap: u32::try_from(hard_cap.max(max_message)).unwrap_or(u32::MAX),
             close_sent: false,
         }
     }
 
     /// Reads the next message. Cancel-safe.
     pub(crate) async fn recv(&mut self) -> Result<Message, WsError> {
+        poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// Reads the next message, or registers for the socket's readiness. What was read stays
+    /// buffered between polls, so dropping the poller loses nothing.
+    pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Message, WsError>> {
         loop {
             if let Some(m) = self.parse()? {
-                return Ok(m);
+                return Poll::Ready(Ok(m));
             }
-            if poll_fn(|cx| self.poll_fill(cx)).await? == 0 {
-                return Err(WsError::Eof);
+            if ready!(self.poll_fill(cx))? == 0 {
+                return Poll::Ready(Err(WsError::Eof));
             }
         }
     }
@@ -134,16 +140,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
             }
             let Some((h, at)) = frame::parse_header(&self.rbuf)? else { return Ok(None) };
             if !h.opcode.is_control() {
-                match (h.opcode, self.partial_op) {
+                match (h.opcode, self.partial.as_ref().map(|p| p.0)) {
                     (OpCode::Continuation, None) => return Err(FrameError::UnexpectedContinuation.into()),
                     (OpCode::Text | OpCode::Binary, Some(_)) => return Err(FrameError::ExpectedContinuation.into()),
                     _ => {}
                 }
-                let size = self.partial.len() as u64 + h.len;
-                if size > self.max_message as u64 {
-                    let fatal = size > self.hard_cap as u64;
-                    self.partial = Vec::new();
-                    self.partial_op = None;
+                let size = self.partial.as_ref().map_or(0, |p| p.1.len() as u64) + h.len;
+                if size > u64::from(self.max_message) {
+                    let fatal = size > u64::from(self.hard_cap);
+                    self.partial = None;
                     if !fatal {
                         self.consume(at);
                         self.skip = h.len;
@@ -176,14 +181,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
                 }
                 OpCode::Text | OpCode::Binary if h.fin => return finish(h.opcode, payload).map(Some),
                 OpCode::Text | OpCode::Binary => {
-                    self.partial_op = Some(h.opcode);
-                    self.partial = payload;
+                    self.partial = Some(Box::new((h.opcode, payload)));
                 }
                 OpCode::Continuation => {
-                    self.partial.extend_from_slice(&payload);
+                    // A continuation without a fragmented message was refused above.
+                    let Some(partial) = self.partial.as_mut() else { continue };
+                    partial.1.extend_from_slice(&payload);
                     if h.fin {
-                        let op = self.partial_op.take().unwrap_or(OpCode::Binary);
-                        return finish(op, std::mem::take(&mut self.partial)).map(Some);
+                        if let Some(p) = self.partial.take() {
+                            let (op, data) = *p;
+                            return finish(op, data).map(Some);
+                        }
                     }
                 }
             }
@@ -315,7 +323,7 @@ mod tests {
         assert_eq!(ws.recv().await.expect("ping"), Message::Ping);
         assert_eq!(ws.recv().await.expect("msg"), Message::Text("world é".into()));
         assert_eq!(ws.recv().await.expect("msg"), Message::Binary(3));
-        assert!(ws.rbuf.capacity() == 0 && ws.partial.capacity() == 0, "nothing kept when idle");
+        assert!(ws.rbuf.capacity() == 0 && ws.partial.is_none(), "nothing kept when idle");
         let mut peer = feeder.await.expect("feeder");
         ws.flush().await.expect("flush");
         let mut pong = [0u8; 3];
