@@ -349,7 +349,8 @@ impl Hub {
 
     /// Asks one session to close; false when no live session has this id.
     pub(crate) fn close_session(&self, session_id: &str, reason: CloseReason) -> Option<Arc<Conn>> {
-        let id = session_id.parse::<uuid::Uuid>().ok()?;
+        // Only the id as it was shown (hyphenated, lower case) names a session.
+        let id = session_id.parse::<uuid::Uuid>().ok().filter(|u| u.hyphenated().to_string() == session_id)?;
         let conn = self.sessions().values().map(|r| &r.conn).find(|c| c.session_id == id).cloned()?;
         let discarded = conn.outbox.request_close(reason);
         self.metrics.events_dropped.inc_by(discarded);

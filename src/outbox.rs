@@ -139,7 +139,9 @@ impl Outbox {
         }
         let closing = st.close.is_some_and(|r| !drains_first(r));
         drop(st);
-        if closing || (was_empty && total.queued) || total.dropped > 0 {
+        if closing {
+            self.signal_close();
+        } else if (was_empty && total.queued) || total.dropped > 0 {
             self.signal();
         }
         total
@@ -193,7 +195,7 @@ impl Outbox {
         let graceful = drains_first(reason);
         let n = if graceful { 0 } else { st.discard_all() };
         drop(st);
-        self.signal();
+        self.signal_close();
         n
     }
 
@@ -261,7 +263,18 @@ impl Outbox {
         }
     }
 
+    /// Sets `ready` and wakes the session, unless `ready` was already set: then the session was
+    /// woken for it and has not looked yet (it takes the flag before it waits again), so pushes
+    /// into a connection whose write is blocked wake it once, not once each.
     fn signal(&self) {
+        if !self.ready.swap(true, Ordering::AcqRel) {
+            self.waker.wake();
+        }
+    }
+
+    /// Sets `ready` and always wakes the session: a close must reach a session blocked in a
+    /// write ([`Outbox::poll_closing`]), whether or not `ready` was already set.
+    fn signal_close(&self) {
         self.ready.store(true, Ordering::Release);
         self.waker.wake();
     }
@@ -483,5 +496,56 @@ mod tests {
         o.record_unsent(&out);
         out.clear();
         assert_eq!(o.drain(&mut out, 10).lagged, Some((2, MessageId { epoch: 1, seq: 5 })));
+    }
+
+    struct CountWakes(std::sync::atomic::AtomicUsize);
+
+    impl futures_util::task::ArcWake for CountWakes {
+        fn wake_by_ref(this: &Arc<Self>) {
+            this.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_waiting_session_is_woken_once_until_it_looks_and_always_for_a_close() {
+        let o = Outbox::new(2);
+        let wakes = Arc::new(CountWakes(std::sync::atomic::AtomicUsize::new(0)));
+        let waker = futures_util::task::waker(Arc::clone(&wakes));
+        let mut cx = Context::from_waker(&waker);
+        let woken = || wakes.0.load(Ordering::SeqCst);
+        assert!(o.poll_ready(&mut cx).is_pending());
+        assert!(o.push(&ev(1, None)).queued);
+        assert_eq!(woken(), 1, "the first event wakes the session");
+        // The session is now blocked in a write: it waits on the close signal, not on `ready`.
+        assert!(o.poll_closing(&mut cx).is_pending());
+        assert!(o.push(&ev(2, None)).queued);
+        assert_eq!(o.push(&ev(3, None)).dropped, 1, "the queue holds 2");
+        assert_eq!(woken(), 1, "pushes it has not looked at yet do not wake it again");
+        // A close always gets through, and interrupts the write.
+        o.request_close(CloseReason::SlowConsumer);
+        assert_eq!(woken(), 2);
+        assert!(o.poll_closing(&mut cx).is_ready());
+        // What was signalled is still there for the loop.
+        assert!(o.poll_ready(&mut cx).is_ready());
+        assert!(o.poll_ready(&mut cx).is_pending(), "taken once");
+    }
+
+    #[test]
+    fn the_queues_are_allocated_on_the_first_push_and_released_when_idle() {
+        let o = Outbox::new(4);
+        assert!(o.lock().queues.is_none(), "a connection that never got an event keeps no queue");
+        o.push(&ev(1, Some(Severity::P0)));
+        o.release_idle();
+        assert!(o.lock().queues.is_some(), "not released while an event waits");
+        let mut out = vec![];
+        o.drain(&mut out, 10);
+        assert_eq!(seqs(&out), [1]);
+        o.release_idle();
+        assert!(o.lock().queues.is_none());
+        // And it works as before afterwards.
+        o.push(&ev(2, None));
+        out.clear();
+        o.drain(&mut out, 10);
+        assert_eq!(seqs(&out), [2]);
     }
 }

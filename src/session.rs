@@ -226,8 +226,12 @@ pub(crate) fn mandatory_labels(
     Ok(labels.into_iter().map(|(l, v)| shared(l, v)).collect())
 }
 
+/// When a token expiring at `expires_at` (Unix seconds) runs out with `leeway` of tolerated
+/// skew, on tokio's clock; the same instant [`Session::token_expired`] tests.
 fn deadline_for(expires_at: u64, leeway: Duration) -> tokio::time::Instant {
-    let left = Duration::from_secs(expires_at.saturating_sub(crate::time::unix_now())).saturating_add(leeway);
+    let leeway_ms = u64::try_from(leeway.as_millis()).unwrap_or(u64::MAX);
+    let deadline_ms = expires_at.saturating_mul(1000).saturating_add(leeway_ms);
+    let left = Duration::from_millis(deadline_ms.saturating_sub(crate::time::unix_now_ms()));
     tokio::time::Instant::now() + left.min(MAX_SESSION)
 }
 
@@ -699,7 +703,7 @@ impl Session {
                 };
             }
         }
-        Drained::Slow(Box::pin(self.write_drained_slow(socket, lagged, batch)))
+        Drained::Slow(Box::pin(self.write_drained_slow(socket, lagged, batch, close)))
     }
 
     fn written(&self, close: Option<CloseReason>) -> Drained<'static> {
@@ -707,28 +711,35 @@ impl Session {
     }
 
     /// The rare part of [`Session::drain_once`]: a `lagged` notice before the batch, or a write
-    /// the socket could not take at once (already queued).
+    /// the socket could not take at once (already queued). Ends with the drain's close, if it
+    /// returned one: the next drain would report events lost since as another `lagged` and
+    /// come back here, so the close must not wait for it.
     async fn write_drained_slow(
         &mut self,
         socket: &mut Socket,
         lagged: Option<(u64, MessageId)>,
         batch: Vec<Arc<Published>>,
+        close: Option<CloseReason>,
     ) -> Result<(), End> {
         if let Some((dropped, first)) = lagged {
             self.dropped += dropped;
             let resume_from = resume_point(first);
             self.send(socket, ServerMessage::Lagged { dropped, since_message_id: first.to_string(), resume_from })
                 .await?;
-            if batch.is_empty() {
-                give_back(batch);
-                return Ok(());
+            if !batch.is_empty() {
+                queue_events(socket, &batch);
             }
-            queue_events(socket, &batch);
         }
-        let r = self.flush(socket).await;
-        self.events_written(&batch, true, &r);
+        if !batch.is_empty() {
+            let r = self.flush(socket).await;
+            self.events_written(&batch, true, &r);
+            r?;
+        }
         give_back(batch);
-        r
+        match close {
+            Some(reason) => Err(End::Close(reason)),
+            None => Ok(()),
+        }
     }
 
     /// A write that has to wait: bounded by the close signal, the token and the write timeout.
