@@ -6,6 +6,7 @@
 #   scripts/bench.sh                 # every scenario
 #   scripts/bench.sh fanout-1k idle  # only scenarios whose name starts with these words (their
 #                                    # lines in results.jsonl are replaced, the others kept)
+#   scripts/bench.sh 'fanout-10k$'   # a word ending in $ names one scenario exactly
 #   RUNS=1 scripts/bench.sh guard    # quick look
 #   PROFILE=1 RUNS=1 scripts/bench.sh fanout-10k   # also a perf profile of the server per scenario:
 #                                    # target/bench/profile-NAME.txt (symbols), profile-NAME.md (grouped);
@@ -13,6 +14,7 @@
 #   WORKERS=1 scripts/bench.sh fanout-10k          # server.worker_threads for the server (default 0,
 #                                    # one per core)
 #   SERVER_ENV="MALLOC_ARENA_MAX=1" scripts/bench.sh idle   # extra environment for the server
+#   REPORT=0 scripts/bench.sh fanout  # an experiment: leave docs/BENCHMARKS.md alone
 #
 # Only loopback addresses are used; every process started here is stopped by its PID.
 set -euo pipefail
@@ -34,7 +36,9 @@ else
   python3 - "$RESULTS" "${FILTER[@]}" <<'PY'
 import json, sys
 path, prefixes = sys.argv[1], sys.argv[2:]
-keep = [l for l in open(path) if l.strip() and not json.loads(l)["name"].startswith(tuple(prefixes))]
+def wanted(name):
+    return any(name == p[:-1] if p.endswith("$") else name.startswith(p) for p in prefixes)
+keep = [l for l in open(path) if l.strip() and not wanted(json.loads(l)["name"])]
 open(path, "w").writelines(keep)
 PY
 fi
@@ -156,7 +160,9 @@ stop_server() {
 
 wanted() {
   [ ${#FILTER[@]} -eq 0 ] && return 0
-  for f in "${FILTER[@]}"; do [[ "$1" == "$f"* ]] && return 0; done
+  for f in "${FILTER[@]}"; do
+    if [[ "$f" == *'$' ]]; then [[ "$1" == "${f%\$}" ]] && return 0; else [[ "$1" == "$f"* ]] && return 0; fi
+  done
   return 1
 }
 
@@ -220,5 +226,9 @@ scenario filter-heavy-1k    false "${HS[@]}" --connections 1000  --subs-per-conn
 BUS=nats scenario fanout-1k-nats  false "${HS[@]}" --connections 1000  --rate 200 --batch 10 --duration 15
 BUS=nats scenario fanout-10k-nats false "${HS[@]}" --connections 10000 --rate 50  --batch 5  --duration 15
 
-python3 scripts/bench_report.py "$RESULTS" docs/BENCHMARKS.md
-echo "wrote docs/BENCHMARKS.md from $RESULTS" >&2
+if [ "${REPORT:-1}" = 1 ]; then
+  python3 scripts/bench_report.py "$RESULTS" docs/BENCHMARKS.md
+  echo "wrote docs/BENCHMARKS.md from $RESULTS" >&2
+else
+  echo "REPORT=0: docs/BENCHMARKS.md left as it is; results in $RESULTS" >&2
+fi

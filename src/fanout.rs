@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -42,11 +42,13 @@ pub(crate) struct Conn {
     pub(crate) connected_at_ms: u64,
     pub(crate) outbox: Outbox,
     /// Milliseconds since the hub started, of the last client application message.
-    last_message_ms: AtomicU64,
+    /// Seconds since the hub started, of the last client application message (a `u32`:
+    /// 136 years; the idle timeout counts in seconds).
+    last_message_secs: AtomicU32,
     /// Subscriptions currently held.
-    subscriptions: AtomicUsize,
+    subscriptions: AtomicU32,
     /// The connection's place in its tenant's index, or [`NOT_INDEXED`].
-    index_slot: AtomicUsize,
+    index_slot: AtomicU32,
     /// Set by the cleanup sweep when the session looks idle; the session decides.
     idle_nudge: AtomicBool,
     /// What the hub's clock raised for the session ([`Timers`] bits), taken when it wakes.
@@ -60,12 +62,14 @@ pub(crate) struct Conn {
 impl Conn {
     /// Records client activity (for the idle sweep).
     pub(crate) fn touch(&self, hub: &Hub) {
-        self.last_message_ms.store(hub.elapsed_ms(), Ordering::Relaxed);
+        self.last_message_secs.store(hub.elapsed_secs_up(), Ordering::Relaxed);
     }
 
     /// How long since the client's last application message (or the session's start).
     pub(crate) fn quiet_for(&self, hub: &Hub) -> Duration {
-        Duration::from_millis(hub.elapsed_ms().saturating_sub(self.last_message_ms.load(Ordering::Relaxed)))
+        Duration::from_secs(u64::from(
+            hub.elapsed_secs().saturating_sub(self.last_message_secs.load(Ordering::Relaxed)),
+        ))
     }
 
     /// Publishes the session's acknowledgement state for the admin view.
@@ -84,7 +88,7 @@ impl Conn {
 
     /// Subscriptions currently held.
     pub(crate) fn subscription_count(&self) -> usize {
-        self.subscriptions.load(Ordering::Relaxed)
+        self.subscriptions.load(Ordering::Relaxed) as usize
     }
 
     /// Takes the cleanup sweep's hint that this session may be idle.
@@ -145,20 +149,25 @@ struct TenantIndex {
 
 impl TenantIndex {
     fn set(&mut self, conn: &Arc<Conn>, filters: Arc<[Arc<SubscriptionFilter>]>) {
-        let slot = conn.index_slot.load(Ordering::Relaxed);
-        let at =
-            (slot != NOT_INDEXED && self.entries.get(slot).is_some_and(|e| Arc::ptr_eq(&e.conn, conn))).then_some(slot);
+        let slot = conn.index_slot.load(Ordering::Relaxed) as usize;
+        let at = (slot != NOT_INDEXED as usize && self.entries.get(slot).is_some_and(|e| Arc::ptr_eq(&e.conn, conn)))
+            .then_some(slot);
         match (at, filters.is_empty()) {
             (Some(i), false) => self.entries[i].filters = filters,
             (Some(i), true) => {
                 self.entries.swap_remove(i);
                 conn.index_slot.store(NOT_INDEXED, Ordering::Relaxed);
                 if let Some(moved) = self.entries.get(i) {
-                    moved.conn.index_slot.store(i, Ordering::Relaxed);
+                    moved.conn.index_slot.store(slot_number(i), Ordering::Relaxed);
                 }
             }
             (None, false) => {
-                conn.index_slot.store(self.entries.len(), Ordering::Relaxed);
+                conn.index_slot.store(slot_number(self.entries.len()), Ordering::Relaxed);
+                if self.entries.len() == self.entries.capacity() {
+                    // Grows by a quarter rather than doubling: the index is per connection, so
+                    // doubling's slack (up to half the vector) is memory every connection pays.
+                    self.entries.reserve_exact(self.entries.len() / 4 + 16);
+                }
                 self.entries.push(Entry { conn: Arc::clone(conn), filters });
             }
             (None, true) => {}
@@ -167,7 +176,12 @@ impl TenantIndex {
 }
 
 /// [`Conn::index_slot`] of a connection that is in no tenant index.
-const NOT_INDEXED: usize = usize::MAX;
+const NOT_INDEXED: u32 = u32::MAX;
+
+/// A slot as stored in a connection: connections are bounded by open files, far below 2³².
+fn slot_number(i: usize) -> u32 {
+    u32::try_from(i).unwrap_or(NOT_INDEXED)
+}
 
 /// The fan-out hub. Cheap to share (`Arc<Hub>`).
 pub(crate) struct Hub {
@@ -365,6 +379,18 @@ impl Hub {
         }
     }
 
+    /// Whole seconds since the hub started, rounded down: "now" when measuring quiet time.
+    fn elapsed_secs(&self) -> u32 {
+        u32::try_from(self.started.elapsed().as_secs()).unwrap_or(u32::MAX)
+    }
+
+    /// The same rounded up: when something happened, so a quiet time measured from it in whole
+    /// seconds is never longer than the real one (an idle close comes up to a second late,
+    /// never early).
+    fn elapsed_secs_up(&self) -> u32 {
+        u32::try_from(self.started.elapsed().as_millis().div_ceil(1000)).unwrap_or(u32::MAX)
+    }
+
     fn elapsed_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
@@ -394,9 +420,9 @@ impl Hub {
             origin,
             connected_at_ms: crate::time::unix_now_ms(),
             outbox: Outbox::new(self.max_pending),
-            last_message_ms: AtomicU64::new(self.elapsed_ms()),
-            subscriptions: AtomicUsize::new(0),
-            index_slot: AtomicUsize::new(NOT_INDEXED),
+            last_message_secs: AtomicU32::new(self.elapsed_secs_up()),
+            subscriptions: AtomicU32::new(0),
+            index_slot: AtomicU32::new(NOT_INDEXED),
             idle_nudge: AtomicBool::new(false),
             timers: AtomicU8::new(0),
             acked: (AtomicU64::new(0), AtomicU64::new(0)),
@@ -435,7 +461,7 @@ impl Hub {
             None => Arc::clone(write(&self.tenants).entry(conn.tenant.clone()).or_default()),
         };
         write(&index).set(conn, filters);
-        let before = conn.subscriptions.swap(count, Ordering::Relaxed);
+        let before = conn.subscriptions.swap(u32::try_from(count).unwrap_or(u32::MAX), Ordering::Relaxed);
         self.metrics.active_subscriptions.add(count as i64 - before as i64);
     }
 
@@ -519,13 +545,13 @@ impl Hub {
     /// message for `idle`; each session re-checks its own state before closing (so a subscribe
     /// racing the sweep wins). Returns how many were nudged.
     pub(crate) fn sweep_idle(&self, idle: Duration) -> usize {
-        let now = self.elapsed_ms();
-        let idle_ms = idle.as_millis() as u64;
+        let now = self.elapsed_secs();
+        let idle_secs = u32::try_from(idle.as_secs()).unwrap_or(u32::MAX);
         let sessions = self.sessions();
         let mut n = 0;
         for c in sessions.values().map(|r| &r.conn) {
             if c.subscriptions.load(Ordering::Relaxed) == 0
-                && now.saturating_sub(c.last_message_ms.load(Ordering::Relaxed)) >= idle_ms
+                && now.saturating_sub(c.last_message_secs.load(Ordering::Relaxed)) >= idle_secs
             {
                 c.idle_nudge.store(true, Ordering::Relaxed);
                 c.outbox.wake();

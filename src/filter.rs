@@ -64,9 +64,10 @@ pub struct SubscriptionFilter {
     event_types: u32,
     severities: u32,
     states: u32,
-    /// Exact label pairs, sorted by label and unique: a boxed slice, because a map's first
-    /// node costs half a kilobyte per subscription and filters hold one to a few labels.
-    labels: Box<[LabelPair]>,
+    /// Exact label pairs, sorted by label and unique: a slice, because a map's first node costs
+    /// half a kilobyte per subscription and filters hold one to a few labels. A filter that
+    /// names no label of its own shares the session's mandatory slice itself.
+    labels: Arc<[LabelPair]>,
     /// Sources, affected resources and incident ids; boxed, and absent when all are empty.
     values: Option<Box<Values>>,
 }
@@ -152,9 +153,13 @@ impl SubscriptionFilter {
 
     /// Adds the server-enforced labels. A filter naming one of them with another value is
     /// refused; naming it with the same value is allowed (and changes nothing).
-    pub fn with_mandatory_labels(mut self, mandatory: &[LabelPair]) -> Result<Self, FilterError> {
-        let mut labels = std::mem::take(&mut self.labels).into_vec();
-        for (label, required) in mandatory {
+    pub fn with_mandatory_labels(mut self, mandatory: &Arc<[LabelPair]>) -> Result<Self, FilterError> {
+        if self.labels.is_empty() && mandatory.len() <= MAX_LABELS {
+            self.labels = Arc::clone(mandatory);
+            return Ok(self);
+        }
+        let mut labels = self.labels.to_vec();
+        for (label, required) in mandatory.iter() {
             match labels.binary_search_by(|(k, _)| k.cmp(label)) {
                 Ok(i) if labels[i].1 != *required => {
                     return Err(FilterError::ForbiddenLabel {
@@ -170,7 +175,7 @@ impl SubscriptionFilter {
         if labels.len() > MAX_LABELS {
             return Err(FilterError::TooLarge { field: "labels", what: format!("more than {MAX_LABELS} labels") });
         }
-        self.labels = labels.into_boxed_slice();
+        self.labels = labels.into();
         Ok(self)
     }
 

@@ -42,6 +42,7 @@ pub mod protocol;
 mod reload;
 pub mod server;
 mod session;
+mod short_str;
 pub mod time;
 pub mod tls;
 mod ws;

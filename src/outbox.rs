@@ -51,10 +51,11 @@ struct State {
     /// One queue per priority; `None` until the first push, and again after a heartbeat found
     /// them empty (see [`Outbox::release_idle`]).
     queues: Option<Box<Queues>>,
-    len: usize,
+    /// Events queued (bounded by the capacity, a `u32`).
+    len: u32,
     dropped: u64,
     first_dropped: Option<MessageId>,
-    dropped_since_caught_up: usize,
+    dropped_since_caught_up: u32,
     /// Id of the most recent event queued (for re-checking queued events after an unsubscribe).
     last_queued: Option<MessageId>,
     close: Option<CloseReason>,
@@ -66,7 +67,7 @@ impl State {
         self.first_dropped = Some(self.first_dropped.map_or(id, |f| f.min(id)));
     }
 
-    fn record_drop(&mut self, id: MessageId, capacity: usize) {
+    fn record_drop(&mut self, id: MessageId, capacity: u32) {
         self.note_loss(id);
         self.dropped_since_caught_up += 1;
         if self.dropped_since_caught_up > capacity {
@@ -76,7 +77,7 @@ impl State {
 
     /// Empties the queue, recording every discarded event as lost; returns how many.
     fn discard_all(&mut self) -> u64 {
-        let n = self.len as u64;
+        let n = u64::from(self.len);
         let queues = self.queues.take();
         for e in queues.iter().flat_map(|q| q.iter()).flatten() {
             self.note_loss(e.id);
@@ -101,7 +102,8 @@ pub(crate) struct Outbox {
     /// The session task, woken whenever `ready` is set or a close is requested (a close also
     /// interrupts a write blocked on a full socket, see [`Outbox::poll_closing`]).
     waker: AtomicWaker,
-    capacity: usize,
+    /// Events queued at most (a `u32`: every idle connection keeps one of these).
+    capacity: u32,
 }
 
 impl Outbox {
@@ -110,7 +112,7 @@ impl Outbox {
             state: Mutex::new(State::default()),
             ready: AtomicBool::new(false),
             waker: AtomicWaker::new(),
-            capacity,
+            capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
         }
     }
 
@@ -155,7 +157,8 @@ impl Outbox {
         }
         let prio = ev.priority as usize;
         let mut outcome = PushOutcome { queued: true, dropped: 0 };
-        if st.len < self.capacity {
+        let capacity = self.capacity;
+        if st.len < capacity {
             st.queues.get_or_insert_with(Box::default)[prio].push_back(Arc::clone(ev));
             st.len += 1;
         } else {
@@ -165,7 +168,7 @@ impl Outbox {
                 let evicted = queues[lowest].pop_front();
                 queues[prio].push_back(Arc::clone(ev));
                 if let Some(evicted) = evicted {
-                    st.record_drop(evicted.id, self.capacity);
+                    st.record_drop(evicted.id, capacity);
                 }
                 outcome.dropped = 1;
             } else {
@@ -173,7 +176,7 @@ impl Outbox {
                     // Nothing left to shed but critical events: the client cannot keep up.
                     st.close.get_or_insert(CloseReason::SlowConsumer);
                 }
-                st.record_drop(ev.id, self.capacity);
+                st.record_drop(ev.id, capacity);
                 outcome = PushOutcome { queued: false, dropped: 1 };
             }
         }
@@ -221,7 +224,7 @@ impl Outbox {
             st.dropped = 0;
         }
         if let Some(queues) = st.queues.as_deref_mut() {
-            let mut taken = 0;
+            let mut taken = 0u32;
             while out.len() < max {
                 // The next event in publish order is the smallest id among the queue heads.
                 let next =
@@ -281,7 +284,7 @@ impl Outbox {
 
     /// Number of queued events.
     pub(crate) fn len(&self) -> usize {
-        self.lock().len
+        self.lock().len as usize
     }
 
     /// Ready when there may be something to drain; takes the signal. Only the session task

@@ -29,6 +29,7 @@ use crate::outbox::Drain;
 use crate::policy::store::PolicyStore;
 use crate::policy::{Admission, TenantPolicy};
 use crate::protocol::{self, ClientMessage, CloseReason, ErrorCode, ProtocolError, ServerMessage};
+use crate::short_str::ShortStr;
 use crate::ws::{Message, WebSocket, WsError};
 
 /// The socket of one session: the lean WebSocket over hyper's upgraded connection.
@@ -120,7 +121,7 @@ pub(crate) struct Admitted {
     pub(crate) session_id: uuid::Uuid,
     pub(crate) remote: SocketAddr,
     /// Labels every subscription must carry (`tenant`, the configured and the policy's claims).
-    pub(crate) mandatory: Box<[LabelPair]>,
+    pub(crate) mandatory: Arc<[LabelPair]>,
     /// The place under the connection caps.
     pub(crate) reservation: Reservation,
     /// The tenant's policy the connection was admitted under, and its generation.
@@ -200,7 +201,7 @@ pub(crate) fn mandatory_labels(
     auth: &Authenticator,
     policy: &TenantPolicy,
     p: &Principal,
-) -> Result<Box<[LabelPair]>, crate::auth::AuthError> {
+) -> Result<Arc<[LabelPair]>, crate::auth::AuthError> {
     use crate::auth::AuthError;
     let mut labels = auth.mandatory_labels(p)?;
     for (label, claim) in policy.mandatory_labels.iter() {
@@ -328,7 +329,8 @@ impl AckState {
 struct Sub {
     /// Unique for the session's life (ids can be reused after an unsubscribe).
     key: u64,
-    id: String,
+    /// Inline when short (ids never grow, and most are a few bytes).
+    id: ShortStr,
     filter: Arc<SubscriptionFilter>,
     /// The client named no event type: the filter follows the types the policy allows.
     all_types: bool,
@@ -338,12 +340,13 @@ struct Session {
     /// What every session shares (the hub, the bus, auth, policies, metrics, audit, settings).
     shared: Arc<Services>,
     /// The current token's id and `exp` (the tenant and subject are the connection state's).
-    token_id: Box<str>,
+    token_id: ShortStr,
     token_expires_at: u64,
     conn: Arc<Conn>,
     /// Subscriptions by id: a short vector (a handful per connection, bounded by the limit).
     subs: Vec<Sub>,
-    mandatory: Box<[LabelPair]>,
+    /// Shared with every subscription filter that names no label of its own.
+    mandatory: Arc<[LabelPair]>,
     /// The policy in force for this session (replaced when a reload changes it).
     policy: Arc<TenantPolicy>,
     policy_generation: u64,
@@ -434,7 +437,7 @@ pub(crate) fn run(mut socket: Socket, boxed: Box<(SessionContext, Admitted)>) ->
         received: 0,
         delivered: 0,
         dropped: 0,
-        token_id: std::mem::take(&mut ctx.principal.token_id).into_boxed_str(),
+        token_id: std::mem::take(&mut ctx.principal.token_id).into(),
         token_expires_at: ctx.principal.expires_at,
         shared: ctx.shared,
     };
@@ -877,7 +880,7 @@ impl Session {
                 }
                 Err(message) => {
                     changed = true;
-                    removed.push((sub.id, message));
+                    removed.push((sub.id.to_string(), message));
                 }
             }
         }
@@ -1031,7 +1034,7 @@ impl Session {
                         return self.refuse_subscription(socket, e).await;
                     }
                 };
-                if self.subs.iter().any(|s| s.id == id) {
+                if self.subs.iter().any(|s| *s.id == *id) {
                     let e =
                         err(ErrorCode::DuplicateSubscription, format!("subscription `{id}` already exists"), Some(&id));
                     return self.refuse_subscription(socket, e).await;
@@ -1072,7 +1075,7 @@ impl Session {
                 self.subs.reserve_exact(1);
                 self.next_sub_key += 1;
                 let key = self.next_sub_key;
-                self.subs.push(Sub { key, id: id.clone(), filter: Arc::clone(&filter), all_types });
+                self.subs.push(Sub { key, id: id.as_str().into(), filter: Arc::clone(&filter), all_types });
                 // Live first, then the window: whatever the snapshot misses arrives live.
                 self.publish_filters();
                 let replay = match resume_from {
@@ -1123,7 +1126,7 @@ impl Session {
             }
             ClientMessage::Unsubscribe(u) => {
                 let id = u.subscription_id;
-                let Some(at) = self.subs.iter().position(|s| s.id == id) else {
+                let Some(at) = self.subs.iter().position(|s| *s.id == *id) else {
                     let e = err(ErrorCode::UnknownSubscription, format!("no subscription `{id}`"), Some(&id));
                     return self.client_error(socket, e).await;
                 };
@@ -1215,7 +1218,7 @@ impl Session {
                 self.arm_expiry();
                 let expires_at = crate::time::rfc3339_from_unix(p.expires_at);
                 tracing::info!(session_id = %self.conn.session_id, token_id = %p.token_id, "token refreshed");
-                let previous = std::mem::replace(&mut self.token_id, p.token_id.into_boxed_str()).into_string();
+                let previous = std::mem::replace(&mut self.token_id, p.token_id.into()).to_string();
                 let record = self
                     .audit_record(Kind::TokenRefreshed)
                     .reason("ok")
@@ -1304,7 +1307,7 @@ mod tests {
     }
 
     fn sub(id: &str, f: &Arc<SubscriptionFilter>) -> Sub {
-        Sub { key: u64::from(id.as_bytes()[0]), id: id.to_owned(), filter: Arc::clone(f), all_types: false }
+        Sub { key: u64::from(id.as_bytes()[0]), id: id.into(), filter: Arc::clone(f), all_types: false }
     }
 
     #[test]

@@ -95,12 +95,12 @@ fn oversized_filters_are_refused() {
 #[test]
 fn mandatory_labels_are_added_and_never_widened() {
     let pair = |k: &str, v: &str| -> LabelPair { (Arc::from(k), Arc::from(v)) };
-    let mandatory = vec![pair("tenant", "acme")];
+    let mandatory: Arc<[LabelPair]> = Arc::from([pair("tenant", "acme")]);
     let f = SubscriptionFilter::from_spec(&spec(json!({}))).expect("ok");
     let eff = f.with_mandatory_labels(&mandatory).expect("ok");
     assert_eq!(eff.to_spec().labels, BTreeMap::from([("tenant".to_owned(), "acme".to_owned())]));
     // Several mandatory labels merge into the client's own, in label order.
-    let two = vec![pair("region", "eu"), pair("tenant", "acme")];
+    let two: Arc<[LabelPair]> = Arc::from([pair("region", "eu"), pair("tenant", "acme")]);
     let f = SubscriptionFilter::from_spec(&spec(json!({"labels": {"team": "core", "env": "prod"}}))).expect("ok");
     let eff = f.with_mandatory_labels(&two).expect("ok").to_spec().labels;
     assert_eq!(eff.keys().collect::<Vec<_>>(), ["env", "region", "team", "tenant"]);
