@@ -228,11 +228,15 @@ pub(crate) fn mandatory_labels(
 }
 
 /// When a token expiring at `expires_at` (Unix seconds) runs out with `leeway` of tolerated
-/// skew, on tokio's clock; the same instant [`Session::token_expired`] tests.
-fn deadline_for(expires_at: u64, leeway: Duration) -> tokio::time::Instant {
+/// skew, in Unix milliseconds.
+fn deadline_ms(expires_at: u64, leeway: Duration) -> u64 {
     let leeway_ms = u64::try_from(leeway.as_millis()).unwrap_or(u64::MAX);
-    let deadline_ms = expires_at.saturating_mul(1000).saturating_add(leeway_ms);
-    let left = Duration::from_millis(deadline_ms.saturating_sub(crate::time::unix_now_ms()));
+    expires_at.saturating_mul(1000).saturating_add(leeway_ms)
+}
+
+/// The same deadline on tokio's clock.
+fn deadline_for(expires_at: u64, leeway: Duration) -> tokio::time::Instant {
+    let left = Duration::from_millis(deadline_ms(expires_at, leeway).saturating_sub(crate::time::unix_now_ms()));
     tokio::time::Instant::now() + left.min(MAX_SESSION)
 }
 
@@ -515,10 +519,10 @@ impl Session {
             // The outbox is looked at first, so a wake-up for events does not also poll the socket
             // (a read that would block and a waker to register, on every delivery). Every
             // FAIR_EVERY wake-ups the socket goes first, so a client sent a steady stream is still
-            // read (its pongs, its close). The select only says what happened; the work happens
-            // after it, so the futures it polled are gone by then and the future stays small.
-            // Polled by hand rather than with `select!`: the loop's state holds two references
-            // instead of two futures (the outbox and the socket keep their own progress).
+            // read (its pongs, its close). The poll only says what happened; the work happens
+            // after it. It is written by hand rather than with `select!`, so the loop's state
+            // holds two references instead of two futures (the outbox and the socket keep their
+            // own progress).
             let socket_first = outbox_streak >= FAIR_EVERY;
             if socket_first {
                 outbox_streak = 0;
@@ -591,8 +595,7 @@ impl Session {
 
     /// Has the token, with the tolerated skew, run out?
     fn token_expired(&self) -> bool {
-        let leeway_ms = u64::try_from(self.shared.settings.leeway.as_millis()).unwrap_or(u64::MAX);
-        crate::time::unix_now_ms() >= self.token_expires_at.saturating_mul(1000).saturating_add(leeway_ms)
+        crate::time::unix_now_ms() >= deadline_ms(self.token_expires_at, self.shared.settings.leeway)
     }
 
     /// Hands the token deadline to the hub's clock, which wakes the session when it passes.
@@ -612,8 +615,8 @@ impl Session {
         }
         for _ in 0..4 {
             // Only a pointer, to a write that has to wait, is kept across the await (each byte of
-            // this future is paid by every idle connection). After such a write the loop drains
-            // again, which also returns a close requested meanwhile (a close stays requested).
+            // this future is paid by every idle connection); that write ends with the drain's
+            // close, if it returned one.
             match self.drain_once(socket) {
                 Drained::Written { close: Some(reason), .. } => return Err(End::Close(reason)),
                 Drained::Written { more: false, .. } => return Ok(()),
