@@ -15,6 +15,9 @@
 #                                    # one per core)
 #   SERVER_ENV="MALLOC_ARENA_MAX=1" scripts/bench.sh idle   # extra environment for the server
 #   REPORT=0 scripts/bench.sh fanout  # an experiment: leave docs/BENCHMARKS.md alone
+#   SERVER=uws scripts/bench.sh 'fanout-10k$'   # the same load against a reference server instead
+#                                    # (bench/reference: uws = uWebSockets, ws = Node's ws; needs node
+#                                    # and npm); results in target/bench/results-uws.jsonl, no report
 #
 # Only loopback addresses are used; every process started here is stopped by its PID.
 set -euo pipefail
@@ -28,6 +31,13 @@ LOADGEN=target/release/loadgen
 OUT=target/bench
 mkdir -p "$OUT"
 RESULTS="$OUT/results.jsonl"
+REFERENCE=${SERVER:-}
+if [ -n "$REFERENCE" ]; then
+  case "$REFERENCE" in uws|ws) ;; *) echo "SERVER must be uws or ws" >&2; exit 2;; esac
+  (cd bench/reference && npm ci --no-audit --no-fund >/dev/null)
+  RESULTS="$OUT/results-$REFERENCE.jsonl"
+  REPORT=0
+fi
 if [ ${#FILTER[@]} -eq 0 ]; then
   : > "$RESULTS"
 else
@@ -132,7 +142,13 @@ kind = "$bus"
 [bus.nats]
 url = "nats://127.0.0.1:${NATS_PORT:-4222}"
 EOF
-  env ${SERVER_ENV:-} $BIN --config "$WORK/bench.toml" serve > "$WORK/server.out" 2> "$WORK/server.err" &
+  if [ -n "$REFERENCE" ]; then
+    # The reference speaks only plain ws:// and the local bus; the token secret is the bench's.
+    if [ "$1" = true ] || [ "$bus" != local ]; then echo "SERVER=$REFERENCE: plain, local-bus scenarios only" >&2; exit 2; fi
+    BENCH_SECRET="$SECRET" env ${SERVER_ENV:-} node bench/reference/server.js "$REFERENCE" > "$WORK/server.out" 2> "$WORK/server.err" &
+  else
+    env ${SERVER_ENV:-} $BIN --config "$WORK/bench.toml" serve > "$WORK/server.out" 2> "$WORK/server.err" &
+  fi
   SERVER_PID=$!
   local scheme=http
   [ "$1" = true ] && scheme=https

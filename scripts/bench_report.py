@@ -57,6 +57,10 @@ def machine():
 
 def main(results, doc):
     groups = {}
+    def cpu_cell(rows):
+        total, kernel = median(rows, "server_cpu_us_per_delivery"), median(rows, "server_cpu_system_us_per_delivery")
+        return fmt(total) if kernel is None else f"{fmt(total)} ({fmt(kernel)})"
+
     with open(results) as f:
         for line in f:
             line = line.strip()
@@ -67,7 +71,7 @@ def main(results, doc):
            f"Each figure is the median of {max(len(v) for v in groups.values()) if groups else 0} run(s) "
            "(`scripts/bench.sh`; raw lines in `target/bench/results.jsonl`).", ""]
     out.append("| scenario | conns | handshakes/s | events | deliveries expected / received | lost | deliveries/s "
-               "| latency p50 / p90 / p99 / max (ms) | server CPU µs/delivery | server CPU µs/event | KiB/idle conn | peak RSS MiB | lagged |")
+               "| latency p50 / p90 / p99 / max (ms) | server CPU µs/delivery (of which kernel) | server CPU µs/event | KiB/idle conn | peak RSS MiB | lagged |")
     out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, rows in groups.items():
         ev = median(rows, "events_published")
@@ -82,7 +86,7 @@ def main(results, doc):
             name, fmt(median(rows, "connections")), fmt(median(rows, "handshakes_per_sec"), 0), fmt(ev),
             f"{fmt(exp)} / {fmt(rec)}" if exp is not None else "–", fmt(median(rows, "lost")),
             fmt(median(rows, "deliveries_per_sec"), 0), lat,
-            fmt(median(rows, "server_cpu_us_per_delivery")), fmt(per_event, 1),
+            cpu_cell(rows), fmt(per_event, 1),
             fmt(median(rows, "server_kib_per_idle_connection"), 1),
             fmt(peak / 1024 if peak else None, 0), fmt(median(rows, "lagged_messages")),
         ]) + " |")

@@ -113,14 +113,15 @@ fn now_us() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
-fn proc_cpu_secs(pid: u32, ticks: f64) -> Option<f64> {
+/// The process's CPU seconds so far: (user, system).
+fn proc_cpu_secs(pid: u32, ticks: f64) -> Option<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name: utime and stime are fields 14 and 15.
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     let utime: f64 = f.get(11)?.parse().ok()?;
     let stime: f64 = f.get(12)?.parse().ok()?;
-    Some((utime + stime) / ticks)
+    Some((utime / ticks, stime / ticks))
 }
 
 fn proc_mem_kib(pid: u32, key: &str) -> Option<u64> {
@@ -444,7 +445,7 @@ async fn main() -> Result<()> {
         "name": args.name, "connections": up, "connect_failures": failures, "first_error": first_error,
         "open_file_limit": nofile, "tls": args.ca.is_some(),
         "handshakes_per_sec": up as f64 / connect_secs.max(1e-9),
-        "server_cpu_us_per_handshake": match (cpu_hs0, cpu_hs1) { (Some(a), Some(b)) if up > 0 => json!((b - a) * 1e6 / up as f64), _ => Value::Null },
+        "server_cpu_us_per_handshake": match (cpu_hs0, cpu_hs1) { (Some(a), Some(b)) if up > 0 => json!((b.0 + b.1 - a.0 - a.1) * 1e6 / up as f64), _ => Value::Null },
     });
 
     if let (Some(a), Some(b)) = (audit0, audit1) {
@@ -536,8 +537,13 @@ async fn main() -> Result<()> {
         result["lost"] = json!(expected.saturating_sub(received));
         result["deliveries_per_sec"] = json!(received as f64 / elapsed.max(1e-9));
         if let (Some(a), Some(b)) = (cpu0, cpu1) {
-            result["server_cpu_secs"] = json!(b - a);
-            result["server_cpu_us_per_delivery"] = json!((b - a) * 1e6 / received.max(1) as f64);
+            let (user, system) = (b.0 - a.0, b.1 - a.1);
+            let per_delivery = |secs: f64| secs * 1e6 / received.max(1) as f64;
+            result["server_cpu_secs"] = json!(user + system);
+            result["server_cpu_us_per_delivery"] = json!(per_delivery(user + system));
+            // The split says how much is the kernel's (system: TCP send, loopback delivery).
+            result["server_cpu_user_us_per_delivery"] = json!(per_delivery(user));
+            result["server_cpu_system_us_per_delivery"] = json!(per_delivery(system));
         }
     }
     let _ = stop_tx.send(true);
