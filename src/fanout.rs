@@ -137,6 +137,10 @@ struct Registered {
 struct Entry {
     conn: Arc<Conn>,
     filters: Arc<[Arc<SubscriptionFilter>]>,
+    /// One of the filters matches every event of the index's tenant
+    /// ([`SubscriptionFilter::matches_all_of`]): the fan-out hands this connection every event
+    /// without reading its filters.
+    all: bool,
 }
 
 /// A tenant's subscribed connections. Each connection's place in `entries` is kept in the
@@ -148,12 +152,14 @@ struct TenantIndex {
 }
 
 impl TenantIndex {
-    fn set(&mut self, conn: &Arc<Conn>, filters: Arc<[Arc<SubscriptionFilter>]>) {
+    /// Sets a connection's filters in the index of `tenant` (the connection's own tenant).
+    fn set(&mut self, tenant: &TenantId, conn: &Arc<Conn>, filters: Arc<[Arc<SubscriptionFilter>]>) {
+        let all = filters.iter().any(|f| f.matches_all_of(tenant));
         let slot = conn.index_slot.load(Ordering::Relaxed) as usize;
         let at = (slot != NOT_INDEXED as usize && self.entries.get(slot).is_some_and(|e| Arc::ptr_eq(&e.conn, conn)))
             .then_some(slot);
         match (at, filters.is_empty()) {
-            (Some(i), false) => self.entries[i].filters = filters,
+            (Some(i), false) => self.entries[i] = Entry { conn: Arc::clone(conn), filters, all },
             (Some(i), true) => {
                 self.entries.swap_remove(i);
                 conn.index_slot.store(NOT_INDEXED, Ordering::Relaxed);
@@ -168,7 +174,7 @@ impl TenantIndex {
                     // doubling's slack (up to half the vector) is memory every connection pays.
                     self.entries.reserve_exact(self.entries.len() / 4 + 16);
                 }
-                self.entries.push(Entry { conn: Arc::clone(conn), filters });
+                self.entries.push(Entry { conn: Arc::clone(conn), filters, all });
             }
             (None, true) => {}
         }
@@ -460,7 +466,7 @@ impl Hub {
             None if count == 0 => return,
             None => Arc::clone(write(&self.tenants).entry(conn.tenant.clone()).or_default()),
         };
-        write(&index).set(conn, filters);
+        write(&index).set(&conn.tenant, conn, filters);
         let before = conn.subscriptions.swap(u32::try_from(count).unwrap_or(u32::MAX), Ordering::Relaxed);
         self.metrics.active_subscriptions.add(count as i64 - before as i64);
     }
@@ -471,7 +477,7 @@ impl Hub {
     pub(crate) fn dispatch_batch(&self, evs: &[Arc<Published>]) {
         self.metrics.events_broadcast.inc_by(evs.len() as u64);
         let mut dropped = 0;
-        let mut matched: Vec<Arc<Published>> = Vec::new();
+        let mut matched: Vec<&Arc<Published>> = Vec::new();
         // Runs of consecutive events of one tenant share one pass over that tenant's index.
         for run in evs.chunk_by(|a, b| a.routing.tenant == b.routing.tenant) {
             let index = {
@@ -480,10 +486,14 @@ impl Hub {
             };
             let Some(index) = index else { continue };
             for entry in read(&index).entries.iter() {
+                if entry.all {
+                    dropped += entry.conn.outbox.push_all(run).dropped;
+                    continue;
+                }
                 matched.clear();
-                matched.extend(run.iter().filter(|ev| entry.filters.iter().any(|f| f.matches(&ev.routing))).cloned());
+                matched.extend(run.iter().filter(|ev| entry.filters.iter().any(|f| f.matches(&ev.routing))));
                 if !matched.is_empty() {
-                    dropped += entry.conn.outbox.push_all(&matched).dropped;
+                    dropped += entry.conn.outbox.push_all(matched.iter().copied()).dropped;
                 }
             }
         }

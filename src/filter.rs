@@ -11,7 +11,7 @@
 
 use std::sync::{Arc, LazyLock};
 
-use crate::event::{EventType, IncidentState, Routing, Severity, UnknownName};
+use crate::event::{EventType, IncidentState, Routing, Severity, TenantId, UnknownName};
 use crate::protocol::FilterSpec;
 
 /// Most values one list field of a filter may hold.
@@ -197,7 +197,18 @@ impl SubscriptionFilter {
             && (self.severities == 0 || r.severity.is_some_and(|s| self.severities & s.bit() != 0))
             && (self.states == 0 || r.state.is_some_and(|s| self.states & s.bit() != 0))
             && self.values.as_deref().is_none_or(|v| v.matches(r))
-            && self.labels.iter().all(|(k, v)| r.labels.get(&**k).is_some_and(|x| x.as_str() == &**v))
+            && self.labels.iter().all(|(k, v)| label_matches(r, k, v))
+    }
+
+    /// Does the filter match every event of `tenant`? True when it constrains nothing but the
+    /// `tenant` label, to that tenant: the common subscription ("everything I may see"), for
+    /// which the fan-out, which already holds only that tenant's events, skips matching.
+    pub fn matches_all_of(&self, tenant: &TenantId) -> bool {
+        self.event_types == 0
+            && self.severities == 0
+            && self.states == 0
+            && self.values.is_none()
+            && self.labels.iter().all(|(k, v)| &**k == "tenant" && &**v == tenant.as_str())
     }
 
     /// The filter in wire form, as echoed in `subscribed` (the effective filter).
@@ -212,6 +223,17 @@ impl SubscriptionFilter {
             incident_ids: self.values.as_ref().map(|v| v.incident_ids.clone()).unwrap_or_default(),
         }
     }
+}
+
+/// Does the event carry label `key` with `value`? The `tenant` label is the event's tenant
+/// ([`crate::event::Event::parse`] sets it from the tenant and refuses one that differs), so it
+/// is compared with the tenant without a map look-up: every subscription carries it, and a
+/// fan-out checks it once per subscriber per event.
+fn label_matches(r: &Routing, key: &str, value: &str) -> bool {
+    if key == "tenant" {
+        return r.tenant.as_str() == value;
+    }
+    r.labels.get(key).is_some_and(|x| x.as_str() == value)
 }
 
 #[cfg(test)]

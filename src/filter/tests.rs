@@ -55,6 +55,10 @@ fn seed_semantics_as_data() {
         (json!({"labels": {"environment": "staging"}}), &base, false),
         (json!({"labels": {"environment": "production"}}), &bare, false),
         (json!({"labels": {"tenant": "acme"}}), &bare, true),
+        (json!({"labels": {"tenant": "globex"}}), &bare, false),
+        (json!({"labels": {"tenant": "acme", "team": "platform"}}), &base, true),
+        (json!({"labels": {"tenant": "globex", "team": "platform"}}), &base, false),
+        (json!({"labels": {"tenant": "acm"}}), &base, false),
         (json!({"event_types": ["incident_created"], "severities": ["P0"], "sources": ["llm-sentinel"]}), &base, true),
         (json!({"event_types": ["incident_created"], "severities": ["P1"]}), &base, false),
     ];
@@ -242,5 +246,37 @@ proptest! {
         // The reference reads the body the subscriber would receive.
         let body = Value::Object(parsed.body.clone());
         prop_assert_eq!(typed.matches(&parsed.routing), naive(&f, &body), "filter {} event {}", f, body);
+        // The fan-out's shortcut never claims a match the matcher would refuse.
+        if typed.matches_all_of(&parsed.routing.tenant) {
+            prop_assert!(typed.matches(&parsed.routing), "filter {} event {}", f, body);
+        }
     }
+}
+
+#[test]
+fn matches_all_of_is_only_for_filters_that_constrain_nothing_but_the_tenant() {
+    let acme = TenantId::new("acme").expect("tenant");
+    let globex = TenantId::new("globex").expect("tenant");
+    let all = |v: Value, t: &TenantId| SubscriptionFilter::from_spec(&spec(v)).expect("valid").matches_all_of(t);
+    assert!(all(json!({}), &acme));
+    assert!(all(json!({"labels": {"tenant": "acme"}}), &acme));
+    assert!(!all(json!({"labels": {"tenant": "acme"}}), &globex));
+    assert!(!all(json!({"labels": {"tenant": "acme", "team": "core"}}), &acme));
+    assert!(!all(json!({"labels": {"team": "core"}}), &acme));
+    for f in [
+        json!({"event_types": ["escalated"]}),
+        json!({"severities": ["P0"]}),
+        json!({"states": ["Detected"]}),
+        json!({"sources": ["x"]}),
+        json!({"affected_resources": ["db"]}),
+        json!({"incident_ids": ["i-1"]}),
+    ] {
+        assert!(!all(f.clone(), &acme), "{f}");
+    }
+    // With the session's mandatory labels, as the server builds every subscription.
+    let mandatory: Arc<[LabelPair]> = Arc::from([(Arc::from("tenant"), Arc::from("acme"))]);
+    let eff =
+        SubscriptionFilter::from_spec(&spec(json!({}))).expect("ok").with_mandatory_labels(&mandatory).expect("ok");
+    assert!(eff.matches_all_of(&acme));
+    assert!(!eff.matches_all_of(&globex));
 }
