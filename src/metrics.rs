@@ -6,6 +6,9 @@
 
 use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
+mod sharded;
+pub use sharded::ShardedHistogram;
+
 /// Handles to every metric; cheap to share behind an `Arc`.
 #[derive(Clone)]
 pub struct Metrics {
@@ -35,8 +38,9 @@ pub struct Metrics {
     pub send_errors: IntCounter,
     /// Session lifetimes.
     pub session_duration: Histogram,
-    /// Time from publish to the frame being written to the socket.
-    pub message_latency: Histogram,
+    /// Time from publish to the frame being written to the socket (observed once per delivered
+    /// frame, so sharded per thread).
+    pub message_latency: ShardedHistogram,
     /// Rejected authentications, by reason code.
     pub auth_failures: IntCounterVec,
     /// Rate-limit refusals, by scope.
@@ -152,12 +156,15 @@ impl Metrics {
                 "Lifetime of WebSocket sessions",
                 vec![1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0],
             )?,
-            message_latency: histogram(
-                &r,
-                "websocket_message_latency_seconds",
-                "Time from publish to the event frame being written to the socket",
-                prometheus::exponential_buckets(0.0001, 2.5, 12)?,
-            )?,
+            message_latency: {
+                let h = ShardedHistogram::new(
+                    "websocket_message_latency_seconds",
+                    "Time from publish to the event frame being written to the socket",
+                    prometheus::exponential_buckets(0.0001, 2.5, 12)?,
+                )?;
+                r.register(Box::new(h.clone()))?;
+                h
+            },
             auth_failures: counter_vec(
                 &r,
                 "auth_failures_total",
