@@ -60,6 +60,16 @@ pub(crate) enum WsError {
     Io(#[from] io::Error),
 }
 
+/// Largest outbound buffer kept as a thread's spare; a larger one (a burst) is freed.
+const KEEP_SPARE_WBUF: usize = 64 * 1024;
+
+thread_local! {
+    /// The outbound buffer a socket starts from when it has something to write, given back when
+    /// the write completes: a connection keeps no buffer while idle (every idle connection would
+    /// pay for it), and a fan-out does not allocate and free one per write.
+    static SPARE_WBUF: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// A server-side WebSocket. See the module docs.
 pub(crate) struct WebSocket<S> {
     io: S,
@@ -208,7 +218,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     }
 
     fn queue(&mut self, op: OpCode, payload: &[u8]) {
-        self.wbuf.reserve(frame::MAX_SERVER_HEADER + payload.len());
+        self.reserve(frame::MAX_SERVER_HEADER + payload.len());
         frame::write_header(&mut self.wbuf, op, payload.len());
         self.wbuf.extend_from_slice(payload);
     }
@@ -216,7 +226,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// Makes room for `frames` frames of `payload_bytes` in all, so queueing them grows the
     /// outbound buffer once.
     pub(crate) fn reserve_frames(&mut self, frames: usize, payload_bytes: usize) {
-        self.wbuf.reserve(payload_bytes + frames * frame::MAX_SERVER_HEADER);
+        self.reserve(payload_bytes + frames * frame::MAX_SERVER_HEADER);
+    }
+
+    /// Makes room for `bytes` more outbound bytes, starting from this thread's spare buffer
+    /// when nothing is queued (see [`SPARE_WBUF`]).
+    fn reserve(&mut self, bytes: usize) {
+        if self.wbuf.capacity() == 0 {
+            self.wbuf = SPARE_WBUF.take();
+        }
+        self.wbuf.reserve(bytes);
     }
 
     /// Queues a text frame. Nothing is written until [`WebSocket::flush`].
@@ -256,8 +275,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
             self.wpos += n;
         }
         ready!(Pin::new(&mut self.io).poll_flush(cx))?;
-        self.wbuf = Vec::new();
+        let mut spare = std::mem::take(&mut self.wbuf);
         self.wpos = 0;
+        if spare.capacity() <= KEEP_SPARE_WBUF {
+            spare.clear();
+            SPARE_WBUF.set(spare);
+        }
         Poll::Ready(Ok(()))
     }
 }
@@ -349,6 +372,33 @@ mod tests {
         expected.extend([0x88, 15, 0x0F, 0xA8]);
         expected.extend(b"slow_consumer");
         assert_eq!(out, expected);
+    }
+
+    #[tokio::test]
+    async fn the_next_write_on_the_thread_reuses_the_buffer_and_a_burst_is_freed() {
+        let (mut a, mut pa) = pair(1024, 1 << 20);
+        let (mut b, _pb) = pair(1024, 1 << 20);
+        let reader = tokio::spawn(async move {
+            let mut all = Vec::new();
+            pa.read_to_end(&mut all).await.expect("read");
+            all
+        });
+        a.queue_text(&[b'x'; 500]);
+        let first = a.wbuf.as_ptr();
+        a.flush().await.expect("flush");
+        assert_eq!(a.wbuf.capacity(), 0, "an idle socket keeps no buffer");
+        b.queue_text(b"next");
+        assert_eq!(b.wbuf.as_ptr(), first, "the spare buffer was taken");
+        b.flush().await.expect("flush");
+        // A burst above the spare's limit is freed after its write, not kept by the thread.
+        a.queue_text(&vec![b'y'; KEEP_SPARE_WBUF + 1]);
+        a.flush().await.expect("flush");
+        let kept = SPARE_WBUF.take();
+        assert!(kept.capacity() <= KEEP_SPARE_WBUF && kept.is_empty());
+        drop(a);
+        let got = reader.await.expect("reader");
+        assert_eq!(got.len(), 504 + 10 + KEEP_SPARE_WBUF + 1);
+        assert_eq!(&got[..4], &[0x81, 126, 1, 244]);
     }
 
     #[tokio::test]
