@@ -11,6 +11,9 @@
 #   PROFILE=1 RUNS=1 scripts/bench.sh fanout-10k   # also a perf profile of the server per scenario:
 #                                    # target/bench/profile-NAME.txt (symbols), profile-NAME.md (grouped);
 #                                    # PROFILE_DELAY=8 leaves out the first 8 s (connection phase)
+#   SYSCALLS=1 RUNS=1 scripts/bench.sh fanout-10k   # also count the server's send system calls
+#                                    # (perf stat on sendto/sendmsg/write/writev, the whole run): adds
+#                                    # server_send_syscalls and frames_per_send to the result line
 #   WORKERS=1 scripts/bench.sh fanout-10k          # server.worker_threads for the server (default 0,
 #                                    # one per core)
 #   SERVER_ENV="MALLOC_ARENA_MAX=1" scripts/bench.sh idle   # extra environment for the server
@@ -202,6 +205,12 @@ scenario() {
       (sleep "${PROFILE_DELAY:-0}"; exec perf record -F 999 -p "$SERVER_PID" -o "$OUT/$name.perf.data" 2>/dev/null) &
       perf_pid=$!
     fi
+    local stat_pid=""
+    if [ -n "${SYSCALLS:-}" ]; then
+      perf stat -x, -o "$OUT/$name.syscalls.csv" -p "$SERVER_PID" \
+        -e syscalls:sys_enter_sendto,syscalls:sys_enter_sendmsg,syscalls:sys_enter_write,syscalls:sys_enter_writev &
+      stat_pid=$!
+    fi
     local lg=0
     $LOADGEN --addr "$ADDR" "${tlsargs[@]}" --server-pid "$SERVER_PID" --name "$name" "$@" 2>"$WORK/loadgen.err" >> "$RESULTS" || lg=$?
     if [ "$lg" -ne 0 ]; then
@@ -211,6 +220,10 @@ scenario() {
     fi
     if [ -n "$broker_before" ]; then
       python3 scripts/bench_report.py --add-broker-cpu "$RESULTS" "$broker_before" "$(proc_cpu_secs "$NATS_PID")"
+    fi
+    if [ -n "$stat_pid" ]; then
+      kill -INT "$stat_pid"; wait "$stat_pid" || true
+      python3 scripts/bench_report.py --add-send-syscalls "$RESULTS" "$OUT/$name.syscalls.csv"
     fi
     if [ -n "$perf_pid" ]; then
       kill -INT "$perf_pid"; wait "$perf_pid" || true
@@ -228,6 +241,7 @@ scenario fanout-1k          false "${HS[@]}" --connections 1000  --rate 200 --ba
 scenario fanout-10k         false "${HS[@]}" --connections 10000 --rate 50  --batch 5  --duration 15
 scenario fanout-10k-tls     true  "${HS[@]}" --connections 10000 --rate 50  --batch 5  --duration 15
 scenario saturation-1k      false "${HS[@]}" --connections 1000  --rate 0   --batch 50 --in-flight 4 --duration 15
+scenario saturation-10k     false "${HS[@]}" --connections 10000 --rate 0   --batch 50 --in-flight 4 --duration 15
 scenario idle-10k-plain     false "${HS[@]}" --connections 10000 --idle-secs 5
 scenario idle-10k-tls       true  "${HS[@]}" --connections 10000 --idle-secs 5
 AUDIT=false scenario idle-10k-plain-noaudit false "${HS[@]}" --connections 10000 --idle-secs 5

@@ -137,6 +137,28 @@ def main(results, doc):
         f.write(text)
 
 
+def add_send_syscalls(results, perf_csv):
+    """Adds the server's send system calls during a run (`perf stat -x,` output) to that run's
+    line: their count and the frames delivered per call."""
+    calls = 0
+    for row in open(perf_csv):
+        fields = row.strip().split(",")
+        if len(fields) > 2 and fields[2].startswith("syscalls:sys_enter_") and fields[0].isdigit():
+            calls += int(fields[0])
+    with open(results) as f:
+        lines = f.read().splitlines()
+    last = json.loads(lines[-1])
+    last["server_send_syscalls"] = calls
+    received = last.get("deliveries_received")
+    if received and calls:
+        # The count includes the connection phase's few writes per connection (101, welcome,
+        # subscribed), which are small beside a fan-out's.
+        last["frames_per_send"] = round(received / calls, 2)
+    lines[-1] = json.dumps(last)
+    with open(results, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def add_broker_cpu(results, before, after):
     """Adds the broker's CPU seconds during a run to that run's line (the last one)."""
     with open(results) as f:
@@ -151,5 +173,7 @@ def add_broker_cpu(results, before, after):
 if __name__ == "__main__":
     if sys.argv[1] == "--add-broker-cpu":
         add_broker_cpu(*sys.argv[2:5])
+    elif sys.argv[1] == "--add-send-syscalls":
+        add_send_syscalls(*sys.argv[2:4])
     else:
         main(sys.argv[1], sys.argv[2])
