@@ -214,8 +214,9 @@ scenario() {
     local lg=0
     $LOADGEN --addr "$ADDR" "${tlsargs[@]}" --server-pid "$SERVER_PID" --name "$name" "$@" 2>"$WORK/loadgen.err" >> "$RESULTS" || lg=$?
     if [ "$lg" -ne 0 ]; then
-      echo "loadgen failed with status $lg in $name run $run; its stderr ends with:" >&2
-      tail -20 "$WORK/loadgen.err" >&2
+      # The error comes first (a backtrace, with RUST_BACKTRACE set, after it).
+      echo "loadgen failed with status $lg in $name run $run; its stderr begins with:" >&2
+      head -20 "$WORK/loadgen.err" >&2
       exit 1
     fi
     if [ -n "$broker_before" ]; then
@@ -239,6 +240,9 @@ scenario() {
 HS=(--secret "$SECRET" --kid bench)
 scenario fanout-1k          false "${HS[@]}" --connections 1000  --rate 200 --batch 10 --duration 15
 scenario fanout-10k         false "${HS[@]}" --connections 10000 --rate 50  --batch 5  --duration 15
+# The same 50 events/s into 10k subscribers, arriving as one post of 50 each second: what
+# writes carrying ten times as many frames cost (what a coalescing delay would buy).
+scenario fanout-10k-bursts  false "${HS[@]}" --connections 10000 --rate 50  --batch 50 --duration 15
 scenario fanout-10k-tls     true  "${HS[@]}" --connections 10000 --rate 50  --batch 5  --duration 15
 scenario saturation-1k      false "${HS[@]}" --connections 1000  --rate 0   --batch 50 --in-flight 4 --duration 15
 scenario saturation-10k     false "${HS[@]}" --connections 10000 --rate 0   --batch 50 --in-flight 4 --duration 15
