@@ -107,6 +107,9 @@ struct Counters {
     lagged: AtomicU64,
     dropped: AtomicU64,
     closed: AtomicU64,
+    /// Publishes the server refused with 503 (overloaded or broker unavailable): shed, not lost,
+    /// and reported so that shedding is never silent.
+    publishes_refused: AtomicU64,
 }
 
 fn now_us() -> u64 {
@@ -309,12 +312,13 @@ async fn publisher(
             .header("authorization", format!("Bearer {token}"))
             .header("content-type", "application/json")
             .body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
-        let resp = sender.send_request(req).await?;
+        let resp = sender.send_request(req).await.context("publish request failed")?;
         let status = resp.status();
         let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
         if status.as_u16() == 202 {
             published += ctx.args.batch as u64;
         } else if status.as_u16() == 503 {
+            ctx.counters.publishes_refused.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(50)).await;
         } else {
             bail!("publish answered {status} for tenant {tenant}");
@@ -554,6 +558,7 @@ async fn main() -> Result<()> {
     result["lagged_messages"] = json!(c.lagged.load(Ordering::Relaxed));
     result["dropped_reported"] = json!(c.dropped.load(Ordering::Relaxed));
     result["closed_by_server"] = json!(c.closed.load(Ordering::Relaxed));
+    result["publishes_refused"] = json!(c.publishes_refused.load(Ordering::Relaxed));
     if let Ok(h) = ctx.latency.lock() {
         if !h.is_empty() {
             result["latency_ms"] =
