@@ -159,7 +159,11 @@ impl TenantIndex {
         let at = (slot != NOT_INDEXED as usize && self.entries.get(slot).is_some_and(|e| Arc::ptr_eq(&e.conn, conn)))
             .then_some(slot);
         match (at, filters.is_empty()) {
-            (Some(i), false) => self.entries[i] = Entry { conn: Arc::clone(conn), filters, all },
+            (Some(i), false) => {
+                let entry = &mut self.entries[i];
+                entry.filters = filters;
+                entry.all = all;
+            }
             (Some(i), true) => {
                 self.entries.swap_remove(i);
                 conn.index_slot.store(NOT_INDEXED, Ordering::Relaxed);
